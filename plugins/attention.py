@@ -1,0 +1,90 @@
+"""Built-in attention: ``mha``, covering MHA, GQA and MQA by ``n_kv_heads``, on SDPA.
+
+RoPE uses the rotate-half pairing (dimension i with i + d_h/2; HF, GPT-NeoX and OLMo) with inverse
+frequencies ``theta^(-2i/d_h)``. The Q/K/V norms the norm strategy asks for are applied after the
+projection and before RoPE: per head (one gain of size d_h shared by all heads) or at full width.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import zoo
+from zoo import Attention, Init
+from zoo.errors import ConfigError
+
+
+def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin tables ``(seq_len, head_dim)`` in rotate-half layout, computed in fp32."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` (batch, seq, heads, d_h) by position."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class MultiHeadAttention(Attention):
+    """Causal self-attention with a fused ``qkv`` projection and an ``out`` projection."""
+
+    def __init__(self, cfg, layer, make_norm, *, qkv_norm=(), qkv_norm_width="head", options=None):
+        super().__init__(cfg, layer, make_norm, qkv_norm=qkv_norm, qkv_norm_width=qkv_norm_width, options=options)
+        unknown = set(qkv_norm) - {"q", "k", "v"}
+        if unknown or qkv_norm_width not in ("head", "full"):
+            raise ConfigError(f"mha can normalize q, k, v per 'head' or at 'full' width; got {qkv_norm} / {qkv_norm_width!r}")
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
+        self.rope_theta = cfg.attention.rope_theta
+        self.window = cfg.attention.sliding_window
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.split = (q_dim, kv_dim, kv_dim)
+        self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=False)
+        self.out = nn.Linear(q_dim, cfg.d_model, bias=False)
+        self.full_width = qkv_norm_width == "full"
+        widths = dict(zip("qkv", self.split)) if self.full_width else dict.fromkeys("qkv", self.head_dim)
+        self.q_norm = make_norm(widths["q"]) if "q" in qkv_norm else None
+        self.k_norm = make_norm(widths["k"]) if "k" in qkv_norm else None
+        self.v_norm = make_norm(widths["v"]) if "v" in qkv_norm else None
+
+    def init_weights(self, init: Init) -> None:
+        q_dim, kv_dim, _ = self.split
+        w = self.qkv.weight
+        init(w[:q_dim], "q")
+        init(w[q_dim:q_dim + kv_dim], "k")
+        init(w[q_dim + kv_dim:], "v")
+        init(self.out.weight, "o")
+
+    def _qkv_norms(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(t if norm is None else norm(t) for norm, t in ((self.q_norm, q), (self.k_norm, k), (self.v_norm, v)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        if self.full_width:
+            q, k, v = self._qkv_norms(q, k, v)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if not self.full_width:
+            q, k, v = self._qkv_norms(q, k, v)
+        cos, sin = rope_cos_sin(T, self.head_dim, self.rope_theta, x.device, q.dtype)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        gqa = self.n_kv_heads != self.n_heads
+        if self.window is not None and self.window < T:
+            i = torch.arange(T, device=x.device)
+            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+@zoo.hookimpl
+def register_attention(register):
+    register("mha", MultiHeadAttention)

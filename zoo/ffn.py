@@ -1,0 +1,25 @@
+"""The dense FFN: SwiGLU, ``down(silu(gate(x)) * up(x))``, with gate and up fused in one matmul."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .init import Init
+
+
+class SwiGLU(nn.Module):
+    """``gate_up.weight`` is ``[gate; up]`` stacked, ``(2F, d)``; ``down.weight`` is ``(d, F)``."""
+
+    def __init__(self, d_model: int, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.gate_up = nn.Linear(d_model, 2 * hidden_size, bias=False)
+        self.down = nn.Linear(hidden_size, d_model, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+    def init_weights(self, init: Init) -> None:
+        init(self.gate_up.weight, "ffn_in")
+        init(self.down.weight, "ffn_out")

@@ -1,0 +1,57 @@
+"""Parameter counts (total and active) and FLOPs per token, from a model built on ``meta``."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import ModelConfig
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """``flops_per_token`` counts one forward pass's matmul FLOPs (2 per multiply-add) at
+    ``seq_len``, causal attention counted in full as PaLM's MFU convention does; a training step
+    costs about 3x that. MoE layers are counted at perfect balance (k experts per token)."""
+
+    total_params: int
+    active_params: int
+    flops_per_token: int
+    seq_len: int
+
+    @property
+    def train_flops_per_token(self) -> int:
+        return 3 * self.flops_per_token
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "train_flops_per_token": self.train_flops_per_token}
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(total, active): a module with ``inactive_params()`` (an MoE layer) reports what a token skips."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = sum(m.inactive_params() for m in model.modules() if hasattr(m, "inactive_params"))
+    return total, total - inactive
+
+
+def forward_flops(model: nn.Module, seq_len: int) -> int:
+    """Total FLOPs of one forward over a (1, seq_len) batch, on whatever device the model is."""
+    device = next(model.parameters()).device
+    idx = torch.zeros(1, seq_len, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(idx)
+    return counter.get_total_flops()
+
+
+def model_stats(cfg: ModelConfig, seq_len: Optional[int] = None) -> ModelStats:
+    """Stats for a config without allocating its weights."""
+    from .model import ZooModel
+
+    seq_len = seq_len or cfg.max_seq_len
+    with torch.device("meta"):
+        model = ZooModel(cfg)
+    total, active = count_params(model)
+    return ModelStats(total, active, forward_flops(model, seq_len) // seq_len, seq_len)
