@@ -60,16 +60,16 @@ def build(name: Union[str, ModelConfig], overrides: ConfigSource = None, *, devi
     """Build and initialize a model by variant name (or config). ``device="meta"`` allocates nothing."""
     cfg = get_config(name, overrides)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    with torch.device("meta"):
+    with device:  # built in place, so a plugin's own parameter values survive; then the zoo's init
         model = ZooModel(cfg)
     if device.type != "meta":
-        model.to_empty(device=device)
         model.init_weights()
     if dtype is not None:
         model.to(dtype)
     return model
 
 
-def stats(name: Union[str, ModelConfig], overrides: ConfigSource = None, seq_len: Optional[int] = None) -> ModelStats:
+def stats(name: Union[str, ModelConfig], overrides: ConfigSource = None, seq_len: Optional[int] = None,
+          flops: bool = True) -> ModelStats:
     """Total and active parameters and FLOPs per token of a variant, without allocating it."""
-    return model_stats(get_config(name, overrides), seq_len)
+    return model_stats(get_config(name, overrides), seq_len, flops)

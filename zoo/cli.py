@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from typing import Any, Callable, Optional
@@ -40,7 +41,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     rows = []
     for name in zoo.list_models(args.pattern):
         cfg = zoo.get_config(name)
-        st = zoo.stats(cfg, seq_len=1)
+        st = zoo.stats(cfg, flops=False)
         rows.append({"name": name, "norm_strategy": cfg.norm_strategy, "ffn": cfg.ffn.type,
                      "total_params": st.total_params, "active_params": st.active_params})
     if args.json:
@@ -124,6 +125,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ZooError as e:
         print(f"zoo: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `zoo list | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except KeyboardInterrupt:
         print("zoo: interrupted", file=sys.stderr)
         return 130

@@ -20,6 +20,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from .errors import ConfigError
 
+MOE_BACKENDS = ("auto", "megablocks", "fused", "grouped_mm", "loop")
+
 
 @dataclass
 class AttentionConfig:
@@ -124,6 +126,15 @@ def _schema_at(key: str) -> Any:
     return node
 
 
+def _non_mapping_section(layer: DictConfig) -> str:
+    """The top-level key whose schema is a section but whose given value is not a mapping."""
+    sections = {f.name for f in dataclasses.fields(ModelConfig) if dataclasses.is_dataclass(f.default_factory)}  # type: ignore[arg-type]
+    for key in layer:
+        if key in sections and not isinstance(layer[key], DictConfig):
+            return str(key)
+    return "?"
+
+
 def _as_omegaconf(source: ConfigSource, where: str) -> DictConfig:
     if source is None:
         return OmegaConf.create({})
@@ -164,10 +175,12 @@ def merge_config(*sources: ConfigSource, where: str = "config") -> ModelConfig:
         try:
             merged = OmegaConf.merge(merged, layer)
         except OmegaConfBaseException as e:
-            key = str(getattr(e, "full_key", "") or "")
-            msg = getattr(e, "msg", str(e)).splitlines()[0]
+            key = str(getattr(e, "full_key", "") or "") or _non_mapping_section(layer)
+            msg = (getattr(e, "msg", None) or str(e) or type(e).__name__).splitlines()[0]
             if "not in" in msg:
                 raise ConfigError(f"unknown config key {key!r}{_suggest(key, _schema_at(key))}; see docs/config.md") from None
+            if msg.startswith("Merge error"):
+                msg = f"it is a section, not a value; set its keys instead, e.g. {key}.<key>=VALUE"
             raise ConfigError(f"invalid value for config key {key!r}: {msg}") from None
     cfg = OmegaConf.to_object(merged)
     assert isinstance(cfg, ModelConfig)
@@ -198,8 +211,8 @@ def check_shapes(cfg: ModelConfig) -> None:
             raise ConfigError("moe.num_experts and moe.hidden_size must be positive and moe.shared_experts >= 0")
         if not 1 <= moe.top_k <= moe.num_experts:
             raise ConfigError(f"moe.top_k ({moe.top_k}) must be between 1 and moe.num_experts ({moe.num_experts})")
-        if moe.backend not in ("auto", "megablocks", "grouped_mm", "loop"):
-            raise ConfigError(f"moe.backend must be one of auto, megablocks, grouped_mm, loop; got {moe.backend!r}")
+        if moe.backend not in MOE_BACKENDS:
+            raise ConfigError(f"moe.backend must be one of {', '.join(MOE_BACKENDS)}; got {moe.backend!r}")
 
 
 def resolve_options(options_cls: Optional[type], raw: Mapping[str, Any], key: str, owner: str) -> Any:
@@ -213,7 +226,7 @@ def resolve_options(options_cls: Optional[type], raw: Mapping[str, Any], key: st
         merged = OmegaConf.merge(OmegaConf.structured(options_cls), raw)
     except OmegaConfBaseException as e:
         sub = str(getattr(e, "full_key", "") or "")
-        msg = getattr(e, "msg", str(e)).splitlines()[0]
+        msg = (getattr(e, "msg", None) or str(e) or type(e).__name__).splitlines()[0]
         if "not in" in msg:
             names = [f.name for f in dataclasses.fields(options_cls)]
             close = difflib.get_close_matches(sub, names, n=1, cutoff=0.6)

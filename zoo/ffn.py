@@ -21,5 +21,6 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
     def init_weights(self, init: Init) -> None:
-        init(self.gate_up.weight, "ffn_in")
+        init(self.gate_up.weight[: self.hidden_size], "ffn_in")  # gate and up separately: fan-based
+        init(self.gate_up.weight[self.hidden_size:], "ffn_in")   # inits must see one projection
         init(self.down.weight, "ffn_out")

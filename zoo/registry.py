@@ -9,6 +9,7 @@ over plugin names, e.g. ``ZOO_PLUGINS='zoo.*'`` loads only the built-ins.
 """
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import importlib.metadata
 import os
@@ -145,6 +146,7 @@ class Registry:
         """Call the plugin's hooks, staging what it registers; commit only if all of it is valid."""
         staged: list[tuple[str, str, Any]] = []
         try:
+            self._check_hook_names(plugin_name)
             for kind, (hook, validate) in KINDS.items():
                 for impl in getattr(self.pm.hook, hook).get_hookimpls():
                     if impl.plugin_name != plugin_name:
@@ -152,6 +154,8 @@ class Registry:
 
                     def register(name: str, obj: Any, _kind: str = kind, _validate=validate) -> None:
                         check_name(_kind, name)
+                        if any(k == _kind and n == name for k, n, _ in staged):
+                            raise ValueError(f"{_kind} {name!r} registered twice")
                         try:
                             staged.append((_kind, name, _validate(obj)))
                         except TypeError as e:
@@ -181,6 +185,18 @@ class Registry:
                 self.conflicts[kind][name] = [first, plugin_name]
             else:
                 self.entries[kind][name] = Entry(obj, plugin_name)
+
+    def _check_hook_names(self, plugin_name: str) -> None:
+        """pluggy accepts methods named like no hook; a misspelled hook would silently do nothing."""
+        specs = [hook for hook, _ in KINDS.values()]
+        for hook_name in dir(self.pm.hook):
+            caller = getattr(self.pm.hook, hook_name)
+            if hook_name.startswith("_") or not hasattr(caller, "has_spec") or caller.has_spec():
+                continue
+            if any(impl.plugin_name == plugin_name for impl in caller.get_hookimpls()):
+                close = difflib.get_close_matches(hook_name, specs, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f"; the hooks are: {', '.join(specs)}"
+                raise AttributeError(f"{hook_name!r} is not a zoo hook{hint}")
 
     # -- run-time registration -------------------------------------------------------------
     def register_plugin(self, plugin: Any, name: Optional[str] = None) -> str:

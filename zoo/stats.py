@@ -19,12 +19,12 @@ class ModelStats:
 
     total_params: int
     active_params: int
-    flops_per_token: int
-    seq_len: int
+    flops_per_token: Optional[int]
+    seq_len: Optional[int]
 
     @property
-    def train_flops_per_token(self) -> int:
-        return 3 * self.flops_per_token
+    def train_flops_per_token(self) -> Optional[int]:
+        return None if self.flops_per_token is None else 3 * self.flops_per_token
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "train_flops_per_token": self.train_flops_per_token}
@@ -46,12 +46,14 @@ def forward_flops(model: nn.Module, seq_len: int) -> int:
     return counter.get_total_flops()
 
 
-def model_stats(cfg: ModelConfig, seq_len: Optional[int] = None) -> ModelStats:
-    """Stats for a config without allocating its weights."""
+def model_stats(cfg: ModelConfig, seq_len: Optional[int] = None, flops: bool = True) -> ModelStats:
+    """Stats for a config without allocating its weights; ``flops=False`` skips the (slower) FLOP count."""
     from .model import ZooModel
 
-    seq_len = seq_len or cfg.max_seq_len
     with torch.device("meta"):
         model = ZooModel(cfg)
     total, active = count_params(model)
+    if not flops:
+        return ModelStats(total, active, None, None)
+    seq_len = seq_len or cfg.max_seq_len
     return ModelStats(total, active, forward_flops(model, seq_len) // seq_len, seq_len)

@@ -1,0 +1,154 @@
+"""MoE layer benchmark: the zoo's MoE FFN (grouped_mm and loop backends) side by side with HF
+transformers' OLMoE and Mixtral sparse MoE blocks (same weights, same shapes, HF's default experts
+implementation), and a dense SwiGLU FFN of the same active FLOPs. Everything is measured in this
+run, including the matmul peak that the MFU fractions refer to.
+
+    python benchmarks/moe_layer.py                       # all shapes, fp32 and bf16
+    python benchmarks/moe_layer.py --shapes olmoe --dtypes fp32 --repeats 3 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any, Callable
+
+import torch
+
+import zoo
+from zoo.ffn import SwiGLU
+from zoo.moe import MoEFFN
+
+SHAPES = {  # name: (E, k, H, F, tokens, renormalize, HF family)
+    "olmoe": (64, 8, 512, 256, 4096, False, "olmoe"),
+    "mixtral": (8, 2, 512, 1024, 4096, True, "mixtral"),
+    "tiny": (8, 2, 128, 256, 512, False, "olmoe"),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def timed(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall seconds of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of a large square matmul in ``dtype``: the practical peak on this machine."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return 2 * n**3 / timed(lambda: a @ b, repeats)
+
+
+def hf_block(family: str, E: int, k: int, H: int, F: int, renormalize: bool) -> torch.nn.Module:
+    """HF's sparse MoE block with the experts implementation HF picks by default."""
+    from transformers import MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeForCausalLM
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+
+    if family == "olmoe":
+        cfg = OlmoeConfig(hidden_size=H, intermediate_size=F, num_experts=E, num_experts_per_tok=k, norm_topk_prob=renormalize,
+                          num_hidden_layers=1, num_attention_heads=4, vocab_size=64)
+        model_cls, block_cls = OlmoeForCausalLM, OlmoeSparseMoeBlock
+    else:
+        cfg = MixtralConfig(hidden_size=H, intermediate_size=F, num_local_experts=E, num_experts_per_tok=k,
+                            num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=4, vocab_size=64)
+        model_cls, block_cls = MixtralForCausalLM, MixtralSparseMoeBlock
+    cfg._experts_implementation = model_cls(cfg).config._experts_implementation  # what HF resolves by default
+    return block_cls(cfg)
+
+
+def copy_to_hf(layer: MoEFFN, block: torch.nn.Module) -> None:
+    """MegaBlocks layout -> HF v5 fused experts: gate_up (E, 2F, H) = [w1; v1], down (E, H, F) = w2^T."""
+    w1, v1, w2 = layer.experts.mlp.views()
+    with torch.no_grad():
+        block.gate.weight.copy_(layer.router.layer.weight)
+        block.experts.gate_up_proj.copy_(torch.cat([w1, v1], dim=1))
+        block.experts.down_proj.copy_(w2.transpose(1, 2))
+
+
+def zoo_layer(E: int, k: int, H: int, F: int, renormalize: bool, backend: str) -> MoEFFN:
+    cfg = zoo.get_config("tiny-moe-prenorm", {"d_model": H, "n_heads": 4, "moe": {
+        "num_experts": E, "top_k": k, "hidden_size": F, "backend": backend, "router_options": {"renormalize": renormalize}}})
+    layer = MoEFFN(cfg, 0)
+    layer.init_weights(zoo.Init.from_config(cfg))
+    return layer
+
+
+def measure(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
+    """(forward seconds, forward+backward seconds)."""
+    def out() -> torch.Tensor:
+        y = module(x)
+        return y[0] if isinstance(y, tuple) else y
+
+    def fwd() -> None:
+        with torch.no_grad():
+            out()
+
+    def fwd_bwd() -> None:
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        out().float().square().mean().backward()
+
+    return timed(fwd, repeats), timed(fwd_bwd, repeats)
+
+
+def run(shapes: list[str], dtypes: list[str], repeats: int) -> dict[str, Any]:
+    results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "runs": []}
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        peak = matmul_peak(dtype)
+        results[f"matmul_peak_{dname}_gflops"] = peak / 1e9
+        print(f"\n== {dname}: matmul peak {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+        for shape in shapes:
+            E, k, H, F, T, renorm, family = SHAPES[shape]
+            torch.manual_seed(0)
+            x = torch.randn(1, T, H, dtype=dtype, requires_grad=True)
+            flops_fwd = 2 * T * k * 3 * H * F
+            grouped = zoo_layer(E, k, H, F, renorm, "grouped_mm").to(dtype)
+            loop = zoo_layer(E, k, H, F, renorm, "loop").to(dtype)
+            loop.load_state_dict(grouped.state_dict())
+            hf = hf_block(family, E, k, H, F, renorm).to(dtype)
+            copy_to_hf(grouped, hf)
+            dense = SwiGLU(H, k * F).to(dtype)
+            with torch.no_grad():
+                diff = (grouped(x)[0].float() - hf(x).float()).abs().max().item()
+            row: dict[str, Any] = {"shape": shape, "dtype": dname, "E": E, "k": k, "H": H, "F": F, "tokens": T,
+                                   "hf_impl": hf.experts.config._experts_implementation, "max_abs_diff_vs_hf": diff}
+            for name, module in (("zoo_grouped_mm", grouped), ("zoo_loop", loop), ("hf", hf), ("dense_swiglu", dense)):
+                f, fb = measure(module, x, repeats)
+                row[name] = {"fwd_ms": f * 1e3, "fwd_bwd_ms": fb * 1e3,
+                             "fwd_bwd_mfu": 3 * flops_fwd / fb / peak, "fwd_mfu": flops_fwd / f / peak}
+            row["speedup_fwd_bwd_vs_hf"] = row["hf"]["fwd_bwd_ms"] / row["zoo_grouped_mm"]["fwd_bwd_ms"]
+            row["speedup_fwd_vs_hf"] = row["hf"]["fwd_ms"] / row["zoo_grouped_mm"]["fwd_ms"]
+            results["runs"].append(row)
+            print(f"-- {shape} E={E} k={k} H={H} F={F} T={T} (HF experts impl: {row['hf_impl']}, max |zoo-hf| {diff:.2e})")
+            for name in ("zoo_grouped_mm", "zoo_loop", "hf", "dense_swiglu"):
+                r = row[name]
+                print(f"   {name:15s} fwd {r['fwd_ms']:8.1f} ms  fwd+bwd {r['fwd_bwd_ms']:8.1f} ms  "
+                      f"({100 * r['fwd_bwd_mfu']:4.0f}% of peak)")
+            print(f"   zoo grouped_mm vs HF: {row['speedup_fwd_bwd_vs_hf']:.2f}x fwd+bwd, {row['speedup_fwd_vs_hf']:.2f}x fwd")
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    parser.add_argument("--json", default="benchmarks/results/moe_layer.json", help="where to write the JSON results")
+    args = parser.parse_args()
+    results = run(args.shapes, args.dtypes, args.repeats)
+    from pathlib import Path
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Dropless expert MLPs in MegaBlocks dMoE's layout, behind one interface with three backends.
+
+Weights: ``experts.mlp.w1`` (gate), ``experts.mlp.v1`` (up) and ``experts.mlp.w2`` (down), each
+``(E*F, H)``; expert e computes ``(silu(x w1[e]^T) * (x v1[e]^T)) w2[e]`` with w2 untransposed, so
+one checkpoint loads on every backend:
+
+- ``megablocks``: MegaBlocks' grouped GEMM (``grouped_gemm.ops.gmm``), CUDA and bf16, imported lazily.
+- ``fused``: per-expert matmuls with the gather, gating and scatter fused around them and a
+  hand-written backward; fastest on CPU (benchmarks/moe_layer.py), any device.
+- ``grouped_mm``: ``torch.nn.functional.grouped_mm`` with int32 offsets; any device.
+- ``loop``: one matmul per expert through autograd, the plain reference.
+- ``auto``: megablocks on CUDA where importable; else fused on CPU; else grouped_mm where its
+  limits allow; else loop.
+"""
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import MOE_BACKENDS
+from ..errors import ZooError
+from ..init import Init
+from .router import Routing
+
+BACKENDS = MOE_BACKENDS
+MEGABLOCKS_HELP = ("moe.backend='megablocks' needs a CUDA GPU, bf16 weights and the megablocks and grouped_gemm packages, "
+                   "built against your torch: pip install --no-build-isolation 'hybridnorm-zoo[megablocks]' on a CUDA "
+                   "machine. Elsewhere use moe.backend=grouped_mm (any device) or auto.")
+
+
+@functools.lru_cache(maxsize=1)
+def megablocks_gmm() -> Any:
+    """MegaBlocks' grouped GEMM op, or None where it cannot be imported (any CPU-only machine)."""
+    try:
+        from megablocks import grouped_gemm_util as gg  # type: ignore[import-not-found]
+        if gg.grouped_gemm_is_available():
+            return gg.ops.gmm
+    except Exception:
+        pass
+    try:
+        import grouped_gemm  # type: ignore[import-not-found]
+        return grouped_gemm.ops.gmm
+    except Exception:
+        return None
+
+
+def grouped_mm_supports(dtype: torch.dtype, *dims: int) -> bool:
+    """torch's grouped_mm takes fp32/bf16/fp16 with every stride a multiple of 16 bytes."""
+    if not hasattr(F, "grouped_mm") or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    item = torch.finfo(dtype).bits // 8
+    return all(d * item % 16 == 0 for d in dims)
+
+
+def resolve_backend(name: str, x: Tensor, hidden: int, ffn: int) -> str:
+    if x.is_meta:
+        return "loop"  # counted at perfect balance; grouped_mm's meta kernel wants bf16
+    if name == "megablocks":
+        if not x.is_cuda or x.dtype != torch.bfloat16 or megablocks_gmm() is None:
+            raise ZooError(MEGABLOCKS_HELP)
+        return name
+    if name == "auto" and x.is_cuda and x.dtype == torch.bfloat16 and megablocks_gmm() is not None:
+        return "megablocks"
+    if name == "fused" or (name == "auto" and x.device.type == "cpu"):
+        return "fused"
+    if name in ("auto", "grouped_mm"):
+        if grouped_mm_supports(x.dtype, hidden, ffn):
+            return "grouped_mm"
+        if name == "grouped_mm":
+            _warn_fallback(str(x.dtype), hidden, ffn)
+    return "loop"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(dtype: str, hidden: int, ffn: int) -> None:
+    warnings.warn(f"grouped_mm cannot take {dtype} with hidden {hidden} / expert hidden {ffn} (it needs fp32/bf16/fp16 "
+                  "and 16-byte strides); using the loop backend", stacklevel=4)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm rejects stride 0)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad.contiguous()
+
+
+def grouped_mm_glu(x: Tensor, counts: Tensor, w1_EFH: Tensor, v1_EFH: Tensor, w2_EFH: Tensor) -> Tensor:
+    """Expert GLU over expert-sorted rows with torch's grouped_mm; ``counts`` rows per expert."""
+    offs = counts.cumsum(0, dtype=torch.int32)
+    gate = F.grouped_mm(x, w1_EFH.transpose(1, 2), offs=offs)
+    up = F.grouped_mm(x, v1_EFH.transpose(1, 2), offs=offs)
+    h = _ContiguousGrad.apply(F.silu(gate) * up)
+    return _ContiguousGrad.apply(F.grouped_mm(h, w2_EFH, offs=offs))
+
+
+def loop_glu(x: Tensor, counts: Union[Tensor, Sequence[int]], w1_EFH: Tensor, v1_EFH: Tensor, w2_EFH: Tensor) -> Tensor:
+    """The reference: one matmul chain per non-empty expert."""
+    sizes = counts.tolist() if isinstance(counts, Tensor) else list(counts)
+    outs, start = [], 0
+    for e, n in enumerate(sizes):
+        if n:
+            xe = x[start:start + n]
+            outs.append((F.silu(xe @ w1_EFH[e].t()) * (xe @ v1_EFH[e].t())) @ w2_EFH[e])
+            start += n
+    return torch.cat(outs) if outs else x.new_zeros(0, w2_EFH.shape[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU has matrix instructions for ``dtype`` (AVX512-BF16/AMX, AVX512-FP16)."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+class _FusedGLU(torch.autograd.Function):
+    """Per-expert GLU with its gather, gating and scatter fused around each expert's matmuls.
+
+    The matmuls are the same as a grouped GEMM's, but each expert's intermediates (a few hundred
+    rows) stay in cache between the matmul and its elementwise epilogue, and the backward is
+    written out by hand from saved gate/up activations. On a CPU without native reduced-precision
+    matrix units the GEMMs run in fp32 on upcast operands (exact products, fp32 accumulation, as
+    bf16 hardware computes them), with inputs, outputs, weights and gradients in the model dtype.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x_TH: Tensor, token_N: Tensor, weight_N: Tensor, counts: list[int],
+                w1_EFH: Tensor, v1_EFH: Tensor, w2_EFH: Tensor) -> Tensor:
+        cdt = _compute_dtype(x_TH)
+        N, F_ = token_N.numel(), w1_EFH.shape[1]
+        out_TH = torch.zeros(x_TH.shape, dtype=cdt, device=x_TH.device)
+        gate_NF = torch.empty(N, F_, dtype=cdt, device=x_TH.device)
+        up_NF = torch.empty(N, F_, dtype=cdt, device=x_TH.device)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = slice(start, start + n)
+                tok = token_N[rows]
+                x_nH = x_TH.index_select(0, tok).to(cdt)
+                gate = torch.mm(x_nH, w1_EFH[e].t().to(cdt), out=gate_NF[rows])
+                up = torch.mm(x_nH, v1_EFH[e].t().to(cdt), out=up_NF[rows])
+                h = F.silu(gate).mul_(up).mul_(weight_N[rows].unsqueeze(1).to(cdt))
+                out_TH.index_add_(0, tok, h @ w2_EFH[e].to(cdt))
+                start += n
+        ctx.save_for_backward(x_TH, token_N, weight_N, gate_NF, up_NF, w1_EFH, v1_EFH, w2_EFH)
+        ctx.counts = counts
+        return out_TH.to(x_TH.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, dout_TH: Tensor) -> tuple[Optional[Tensor], ...]:
+        x_TH, token_N, weight_N, gate_NF, up_NF, w1_EFH, v1_EFH, w2_EFH = ctx.saved_tensors
+        cdt = gate_NF.dtype
+        dx_TH = torch.zeros(x_TH.shape, dtype=cdt, device=x_TH.device)
+        dw1, dv1, dw2 = (torch.zeros(w.shape, dtype=cdt, device=w.device) for w in (w1_EFH, v1_EFH, w2_EFH))
+        dweight_N = torch.zeros_like(weight_N)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if not n:
+                continue
+            rows = slice(start, start + n)
+            tok = token_N[rows]
+            gate, up = gate_NF[rows], up_NF[rows]
+            x_nH = x_TH.index_select(0, tok).to(cdt)
+            dy_nH = dout_TH.index_select(0, tok).to(cdt)
+            w_n1 = weight_N[rows].unsqueeze(1).to(cdt)
+            sig = torch.sigmoid(gate)
+            act = gate * sig  # silu(gate)
+            dh = dy_nH @ w2_EFH[e].t().to(cdt)  # gradient of the gated hidden h * w
+            act_up = act * up
+            dweight_N[rows] = (dh * act_up).sum(1).to(weight_N.dtype)
+            torch.mm(act_up.mul_(w_n1).t(), dy_nH, out=dw2[e])
+            dh.mul_(w_n1)
+            d_up = dh * act
+            d_gate = dh.mul_(up).mul_(sig * (1 + gate * (1 - sig)))
+            torch.mm(d_gate.t(), x_nH, out=dw1[e])
+            torch.mm(d_up.t(), x_nH, out=dv1[e])
+            dx_nH = d_gate @ w1_EFH[e].to(cdt)
+            dx_TH.index_add_(0, tok, dx_nH.addmm_(d_up, v1_EFH[e].to(cdt)))
+            start += n
+        dt = x_TH.dtype
+        return dx_TH.to(dt), None, dweight_N, None, dw1.to(dt), dv1.to(dt), dw2.to(dt)
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not cpu_has_native(x.dtype):
+        return torch.float32
+    return x.dtype
+
+
+def fused_glu_dispatch(x_TH: Tensor, routing: Routing, w1_EFH: Tensor, v1_EFH: Tensor, w2_EFH: Tensor) -> Tensor:
+    """The ``fused`` backend, whole: sort assignments by expert, then ``_FusedGLU``."""
+    order = torch.argsort(routing.expert, stable=True)
+    counts = torch.bincount(routing.expert, minlength=w1_EFH.shape[0]).tolist()
+    return _FusedGLU.apply(x_TH, routing.token[order], routing.weight[order], counts, w1_EFH, v1_EFH, w2_EFH)
+
+
+def megablocks_glu(x: Tensor, counts: Tensor, w1_EFH: Tensor, v1_EFH: Tensor, w2_EFH: Tensor) -> Tensor:
+    """MegaBlocks' grouped GEMM (dMoE's ``mlp_impl='grouped'`` GLU path); batch sizes on the host."""
+    gmm = megablocks_gmm()
+    sizes = counts.cpu()
+    h = F.silu(gmm(x, w1_EFH, sizes, trans_b=True)) * gmm(x, v1_EFH, sizes, trans_b=True)
+    return gmm(h, w2_EFH, sizes)
+
+
+GLU_BACKENDS = {"grouped_mm": grouped_mm_glu, "loop": loop_glu, "megablocks": megablocks_glu}
+
+
+class ExpertWeights(nn.Module):
+    """``w1``, ``v1``, ``w2``: the ``(E*F, H)`` slabs of MegaBlocks dMoE's GLU."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int):
+        super().__init__()
+        self.num_experts, self.hidden, self.ffn = num_experts, hidden, ffn
+        self.w1 = nn.Parameter(torch.empty(num_experts * ffn, hidden))
+        self.v1 = nn.Parameter(torch.empty(num_experts * ffn, hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts * ffn, hidden))
+
+    def views(self) -> tuple[Tensor, Tensor, Tensor]:
+        shape = (self.num_experts, self.ffn, self.hidden)
+        return self.w1.view(shape), self.v1.view(shape), self.w2.view(shape)
+
+
+class Experts(nn.Module):
+    """Sort assignments by expert, run the experts' GLU on a backend, weight and scatter back."""
+
+    def __init__(self, num_experts: int, hidden: int, ffn: int, backend: str = "auto"):
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ZooError(f"unknown moe.backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        self.backend = backend
+        self.mlp = ExpertWeights(num_experts, hidden, ffn)
+
+    def init_weights(self, init: Init) -> None:
+        w1, v1, w2 = self.mlp.views()
+        for e in range(self.mlp.num_experts):  # per expert, so fan-based inits see one expert's shape
+            init(w1[e], "ffn_in")
+            init(v1[e], "ffn_in")
+            init(w2[e], "ffn_out")
+
+    def forward(self, x: Tensor, routing: Routing) -> Tensor:
+        """``x``: (T, H) tokens; returns (T, H), the gate-weighted sum of each token's experts."""
+        E = self.mlp.num_experts
+        backend = resolve_backend(self.backend, x, self.mlp.hidden, self.mlp.ffn)
+        if backend == "fused":
+            return fused_glu_dispatch(x, routing, *self.mlp.views())
+        if x.is_meta:  # FLOP counting: perfect balance
+            n = routing.expert.numel()
+            counts: Any = [n // E + (e < n % E) for e in range(E)]
+            order = torch.empty(n, dtype=torch.long, device=x.device)
+        else:
+            order = torch.argsort(routing.expert, stable=True)
+            counts = torch.bincount(routing.expert, minlength=E)
+        token = routing.token[order]
+        y = GLU_BACKENDS[backend](x[token], counts, *self.mlp.views())
+        y = y * routing.weight[order].unsqueeze(-1).to(y.dtype)
+        return torch.zeros_like(x).index_add_(0, token, y)

@@ -1,0 +1,84 @@
+"""The MoE FFN: router -> dropless experts (+ shared experts), aux losses and router statistics.
+
+Its aux losses come back with its output (``MoEAux``) and the model sums them into
+``ModelOutput.aux_loss``; the caller adds that to the training loss. Nothing is kept in globals.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ModelConfig, resolve_options
+from ..ffn import SwiGLU
+from ..init import Init
+from ..registry import REGISTRY
+from .experts import Experts
+from .losses import load_balancing_loss, z_loss
+
+
+@dataclass
+class MoEAux:
+    """``loss``: ``lb_weight * LB + z_weight * Z`` for this layer; ``stats``: detached statistics."""
+
+    loss: Tensor
+    stats: dict[str, Any]
+
+
+class MoEFFN(nn.Module):
+    """``router.layer.weight (E, H)``, ``experts.mlp.{w1,v1,w2} (E*F, H)``; optional ``shared`` SwiGLU."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        moe = cfg.moe
+        self.layer_idx, self.top_k = layer, moe.top_k
+        self.lb_weight, self.z_weight = moe.lb_weight, moe.z_weight
+        router_cls = REGISTRY.get("router", moe.router)
+        options = resolve_options(router_cls.Options, moe.router_options, "moe.router_options", f"router {moe.router!r}")
+        self.router = router_cls(cfg, layer, options)
+        self.experts = Experts(moe.num_experts, cfg.d_model, moe.hidden_size, moe.backend)
+        self.shared = SwiGLU(cfg.d_model, moe.shared_experts * moe.hidden_size) if moe.shared_experts else None
+
+    def init_weights(self, init: Init) -> None:
+        self.router.init_weights(init)
+        self.experts.init_weights(init)
+        if self.shared is not None:
+            self.shared.init_weights(init)
+
+    def inactive_params(self) -> int:
+        """Expert parameters a token does not use: all but k of the E experts."""
+        w = self.experts.mlp
+        per_expert = 3 * w.ffn * w.hidden
+        return per_expert * (w.num_experts - self.top_k)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        routing = self.router(tokens)
+        y = self.experts(tokens, routing)
+        if self.shared is not None:
+            y = y + self.shared(tokens)
+        lb = load_balancing_loss(routing.probs, routing.selected, routing.top_k) if self.router.balancing_loss \
+            else routing.logits.new_zeros(())
+        z = z_loss(routing.logits)
+        loss = self.lb_weight * lb + self.z_weight * z
+        return y.view(shape), MoEAux(loss, self._stats(routing, lb, z) if not x.is_meta else {})
+
+    @torch.no_grad()
+    def _stats(self, routing: Any, lb: Tensor, z: Tensor) -> dict[str, Any]:
+        load = torch.bincount(routing.expert, minlength=self.experts.mlp.num_experts).float()
+        mean = load.mean().clamp_min(1e-9)
+        return {"layer": self.layer_idx, "tokens_per_expert": load.long(), "load_cv": load.std(unbiased=False) / mean,
+                "max_over_mean": load.max() / mean, "dropped": routing.dropped,
+                "router_logsumexp": routing.logits.logsumexp(-1).mean(), "lb_loss": lb.detach(), "z_loss": z.detach()}
+
+
+@torch.no_grad()
+def after_optimizer_step(model: nn.Module) -> None:
+    """Call after each optimizer step: routers with per-step state (sigmoid-bias) update it."""
+    for m in model.modules():
+        hook = getattr(m, "after_optimizer_step", None)
+        if hook is not None and m is not model:
+            hook()

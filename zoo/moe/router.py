@@ -1,0 +1,86 @@
+"""The router contract: tokens in, a flat list of (token, expert, weight) assignments out.
+
+Token choice (top-k) yields T*k assignments; capacity dropping removes some; expert choice yields
+E*C. One flat form serves them all, so the expert backends never care which router ran.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import ModelConfig
+from ..init import Init
+
+
+@dataclass
+class Routing:
+    """Assignments of tokens to experts, and what the aux losses and statistics need.
+
+    token, expert, weight: (N,) each; an assignment sends token ``token[n]`` to expert
+    ``expert[n]`` with gate weight ``weight[n]``. logits: (T, E) router logits (fp32).
+    probs: (T, E) routing probabilities P used by the load-balancing loss. selected: (E,)
+    assignments each expert was chosen for before any capacity dropping (f_i of the LB loss).
+    dropped: assignments removed by a capacity limit.
+    """
+
+    token: Tensor
+    expert: Tensor
+    weight: Tensor
+    logits: Tensor
+    probs: Tensor
+    selected: Tensor
+    top_k: int
+    dropped: Any = 0
+
+
+class Router(nn.Module):
+    """Base class of router plugins: ``router.layer`` is the ``(E, H)`` gate, MegaBlocks' name.
+
+    Subclasses implement ``route(logits) -> Routing``. Class attributes: ``Options`` (a dataclass
+    filled from ``moe.router_options``), ``balancing_loss`` (False where the router balances by
+    construction and the LB loss does not apply), ``causal`` (False where a token's routing
+    depends on other tokens of the batch, which leaks the future in a causal LM).
+    """
+
+    Options: ClassVar[Optional[type]] = None
+    balancing_loss: ClassVar[bool] = True
+    causal: ClassVar[bool] = True
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, options: Any = None):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.moe.num_experts, cfg.moe.top_k
+        self.jitter = cfg.moe.jitter
+        self.options = options
+        self.layer = nn.Linear(cfg.d_model, self.num_experts, bias=False)
+
+    def init_weights(self, init: Init) -> None:
+        init(self.layer.weight, "router")
+
+    def forward(self, x: Tensor) -> Routing:
+        """``x``: (T, H). Multiplicative input jitter U(1-eps, 1+eps) applies in training only."""
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        return self.route(self.layer(x).float())
+
+    def route(self, logits: Tensor) -> Routing:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def token_choice(self, logits: Tensor, probs: Tensor, weights: Tensor, indices: Tensor) -> Routing:
+        """Routing for k experts per token from (T, k) weights and indices."""
+        T, k = indices.shape
+        token = torch.arange(T, device=logits.device).repeat_interleave(k)
+        expert = indices.reshape(-1)
+        selected = torch.bincount(expert, minlength=self.num_experts) if not expert.is_meta else \
+            torch.empty(self.num_experts, device=expert.device, dtype=torch.long)
+        return Routing(token, expert, weights.reshape(-1), logits, probs, selected, k)
+
+
+def softmax_topk(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(probs, top-k weights, top-k indices) of a softmax over the experts."""
+    probs = F.softmax(logits, dim=-1)
+    weights, indices = torch.topk(probs, k, dim=-1)
+    return probs, weights, indices
