@@ -78,11 +78,11 @@ class SigmoidBiasRouter(Router):
     def __init__(self, cfg, layer_idx, options):
         super().__init__(cfg, layer_idx, options)
         self.register_buffer("expert_bias", torch.zeros(self.num_experts))
-        self.register_buffer("pending_load", torch.zeros(self.num_experts), persistent=False)
+        self.pending_load: Optional[Tensor] = None  # assignments per expert since the last update
 
     def reset_parameters(self) -> None:
         self.expert_bias.zero_()
-        self.pending_load.zero_()
+        self.pending_load = None
 
     def route(self, logits: Tensor) -> Routing:
         scores = torch.sigmoid(logits)
@@ -94,17 +94,18 @@ class SigmoidBiasRouter(Router):
         probs = scores / scores.sum(dim=-1, keepdim=True)
         routing = self.token_choice(logits, probs, weights, indices)
         if self.training and not logits.is_meta:
-            self.pending_load += routing.selected.to(self.pending_load.dtype)
+            load = routing.selected.to(torch.float32)
+            self.pending_load = load if self.pending_load is None else self.pending_load + load
         return routing
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        load = self.pending_load
+        load, self.pending_load = self.pending_load, None
+        if load is None:
+            return
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(load)
-        if load.sum() > 0:
-            self.expert_bias += self.options.update_rate * torch.sign(load.mean() - load)
-        load.zero_()
+        self.expert_bias += self.options.update_rate * torch.sign(load.mean() - load).to(self.expert_bias.dtype)
 
 
 def sinkhorn(cost: Tensor, tol: float = 1e-4, max_iters: int = 1000) -> Tensor:

@@ -31,11 +31,12 @@ def unregister_plugin(name: str) -> None:
 
 
 from .api import build, get_config, list_models, stats  # noqa: E402  (needs the names above)
+from .checkpoint import load, save  # noqa: E402
 from .model import ModelOutput, ZooModel  # noqa: E402
 from .stats import ModelStats  # noqa: E402
 
 __all__ = [
     "Attention", "ConfigError", "Init", "ModelConfig", "ModelOutput", "ModelStats", "NormStrategy", "PluginError",
     "UnknownNameError", "Variant", "ZooError", "ZooModel", "build", "get_config", "hookimpl", "list_models",
-    "register_plugin", "stats", "unregister_plugin",
+    "load", "register_plugin", "save", "stats", "unregister_plugin",
 ]

@@ -1,0 +1,168 @@
+"""Checkpoints: safetensors round trips, sharding, atomic writes under SIGKILL, clear errors for bad files."""
+import json
+import os
+import signal
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import zoo
+from zoo.checkpoint import CheckpointError
+
+
+def logits(model, idx):
+    with torch.no_grad():
+        return model(idx).logits
+
+
+@pytest.fixture
+def idx():
+    torch.manual_seed(0)
+    return torch.randint(0, 256, (2, 16))
+
+
+@pytest.mark.parametrize("name", ["tiny-dense-hybridnorm-star", "tiny-moe-hybridnorm"])
+def test_round_trip_rebuilds_from_the_file_alone(tmp_path, idx, name):
+    model = zoo.build(name)
+    path = zoo.save(model, tmp_path / "m.safetensors", variant=name)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["format"] == "hybridnorm-zoo" and meta["format_version"] == "1" and meta["variant"] == name
+    assert json.loads(meta["config"]) == model.cfg.to_dict()
+    assert int(meta["total_params"]) == zoo.stats(name, flops=False).total_params
+    assert int(meta["active_params"]) == zoo.stats(name, flops=False).active_params
+    loaded = zoo.load(path)
+    assert loaded.variant == name and loaded.cfg == model.cfg
+    assert torch.equal(logits(model, idx), logits(loaded, idx))
+
+
+def test_moe_checkpoint_loads_on_every_backend(tmp_path, idx):
+    model = zoo.build("tiny-moe-prenorm", ["moe.backend=grouped_mm"])
+    path = zoo.save(model, tmp_path / "moe.safetensors")
+    ref = logits(model, idx)
+    for backend in ("loop", "fused", "grouped_mm"):
+        other = zoo.load(path, [f"moe.backend={backend}"])
+        assert other.cfg.moe.backend == backend
+        torch.testing.assert_close(logits(other, idx), ref, atol=1e-5, rtol=0)
+
+
+def test_sharded_save_writes_hf_index_and_loads(tmp_path, idx):
+    model = zoo.build("tiny-dense-prenorm")
+    index = zoo.save(model, tmp_path / "model.safetensors", max_shard_bytes=500_000)
+    assert index.name == "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shards = set(data["weight_map"].values())
+    assert len(shards) > 1 and set(data["weight_map"]) == set(model.state_dict())
+    assert data["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    for path in (index, tmp_path / "model.safetensors"):
+        assert torch.equal(logits(zoo.load(path), idx), logits(model, idx))
+    # saving again replaces the old shards; a later single-file save removes the sharded set
+    zoo.save(model, tmp_path / "model.safetensors", max_shard_bytes=500_000)
+    assert len([p for p in tmp_path.iterdir() if p.suffix == ".safetensors"]) == len(shards)
+    zoo.save(model, tmp_path / "model.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+KILLER = textwrap.dedent("""
+    import sys, zoo, safetensors.torch as st
+    model = zoo.build("tiny-dense-prenorm", ["d_model=512", "n_layers=8", "ffn.hidden_size=2048"])
+    real = st.save_file
+    def slow_save(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)
+        print("WRITING", flush=True)     # the new bytes are on disk under a temporary name
+        import time; time.sleep(60)      # ...and the process dies here, before the rename
+    zoo.checkpoint.save_file = slow_save
+    zoo.save(model, sys.argv[1], max_shard_bytes=int(sys.argv[2]))
+""")
+
+
+@pytest.mark.parametrize("shard_bytes", [10**12, 4_000_000])
+def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, idx, shard_bytes):
+    path = tmp_path / "ckpt.safetensors"
+    previous = zoo.build("tiny-dense-prenorm", ["d_model=512", "n_layers=8", "ffn.hidden_size=2048"])
+    zoo.save(previous, path, max_shard_bytes=shard_bytes)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = subprocess.Popen([sys.executable, "-c", KILLER, str(path), str(shard_bytes)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "WRITING"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    loaded = zoo.load(path)
+    assert torch.equal(logits(loaded, idx), logits(previous, idx))
+    assert [n for n in sorted(p.name for p in tmp_path.iterdir()) if not n.startswith(".")] == before
+
+
+def write_raw(path, header_len, header_bytes, data=b""):
+    path.write_bytes(struct.pack("<Q", header_len) + header_bytes + data)
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    path = zoo.save(zoo.build("tiny-dense-prenorm"), tmp_path / "m.safetensors")
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError, match="truncated: tensor .* ends at byte"):
+        zoo.load(path)
+    path.write_bytes(blob[:5])
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        zoo.load(path)
+
+
+def test_absurd_header_sizes_are_clear_errors(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    write_raw(path, 2**62, b"{}")
+    with pytest.raises(CheckpointError, match="corrupt or truncated safetensors header"):
+        zoo.load(path)
+    header = json.dumps({"w": {"dtype": "F32", "shape": [10**9, 10**9], "data_offsets": [0, 16]}}).encode()
+    write_raw(path, len(header), header, b"\0" * 16)
+    with pytest.raises(CheckpointError, match="inconsistent sizes"):
+        zoo.load(path)
+    write_raw(path, 7, b"not json")
+    with pytest.raises(CheckpointError, match="cannot read a safetensors header"):
+        zoo.load(path)
+
+
+def test_foreign_and_mismatched_checkpoints(tmp_path):
+    from safetensors.torch import save_file
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not a hybridnorm-zoo checkpoint"):
+        zoo.load(foreign)
+    model = zoo.build("tiny-dense-prenorm")
+    path = zoo.save(model, tmp_path / "m.safetensors")
+    with pytest.raises(CheckpointError, match=r"does not match its config: tensor 'embed.weight' has shape \[256, 128\], the config needs \[512, 128\]"):
+        zoo.load(path, ["vocab_size=512"])
+    state = {k: v for k, v in model.state_dict().items() if k != "blocks.0.attn.qkv.weight"}
+    state["extra"] = torch.zeros(1)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    save_file(state, str(path), metadata=meta)
+    with pytest.raises(CheckpointError, match="missing tensor 'blocks.0.attn.qkv.weight'.*unexpected tensor 'extra'"):
+        zoo.load(path)
+
+
+def test_config_naming_an_unknown_plugin(tmp_path):
+    model = zoo.build("tiny-dense-prenorm")
+    path = zoo.save(model, tmp_path / "m.safetensors")
+    from safetensors.torch import save_file
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    cfg = json.loads(meta["config"])
+    cfg["norm_strategy"] = "fancy-norm"
+    save_file(model.state_dict(), str(path), metadata={**meta, "config": json.dumps(cfg)})
+    with pytest.raises(zoo.UnknownNameError, match="unknown norm strategy 'fancy-norm'"):
+        zoo.load(path)
+
+
+def test_missing_file_and_bad_suffix(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        zoo.load(tmp_path / "nope.safetensors")
+    with pytest.raises(CheckpointError, match="end in .safetensors"):
+        zoo.save(zoo.build("tiny-dense-prenorm"), tmp_path / "m.pt")

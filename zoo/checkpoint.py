@@ -1,0 +1,237 @@
+"""Checkpoints on safetensors only: the header carries what rebuilds the model, writes are atomic.
+
+A checkpoint is ``NAME.safetensors``, or above ``max_shard_bytes`` shards plus
+``NAME.safetensors.index.json`` in the Hugging Face convention (``metadata`` and ``weight_map``).
+Shard names carry a per-save id, so a new save never overwrites the files of the old one: the
+index (or the single file) is replaced last, atomically, and a crash at any point leaves the
+previous checkpoint loadable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from safetensors.torch import save_file
+
+from .config import ConfigSource, ModelConfig, merge_config
+from .errors import ZooError
+from .model import ZooModel
+from .stats import count_params
+
+FORMAT = "hybridnorm-zoo"
+FORMAT_VERSION = "1"
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors limit
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool}
+
+
+class CheckpointError(ZooError):
+    """A checkpoint is missing, malformed, or does not match its config."""
+
+
+def _metadata(model: ZooModel, variant: Optional[str]) -> dict[str, str]:
+    from . import __version__
+    total, active = count_params(model)
+    dtype = next(model.parameters()).dtype
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "zoo_version": __version__,
+            "variant": variant or "", "config": json.dumps(model.cfg.to_dict(), sort_keys=True),
+            "total_params": str(total), "active_params": str(active), "dtype": str(dtype).replace("torch.", "")}
+
+
+def _write_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save(model: ZooModel, path: Union[str, Path], *, variant: Optional[str] = None,
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Save ``model`` to ``path`` (``*.safetensors``); returns the file to load (file or index)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"checkpoint paths end in .safetensors, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = _metadata(model, variant)
+    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    index_path = path.with_name(path.name + ".index.json")
+    total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    if total_bytes <= max_shard_bytes:
+        _write_atomic(tensors, path, metadata)
+        _remove_sharded(index_path)
+        return path
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    save_id = uuid.uuid4().hex[:8]
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        shard_name = f"{path.stem}-{save_id}-{i:05d}-of-{len(shards):05d}.safetensors"
+        _write_atomic(shard, path.with_name(shard_name), {**metadata, "save_id": save_id})
+        weight_map.update(dict.fromkeys(shard, shard_name))
+    old = _shard_files(index_path)
+    index = {"metadata": {**metadata, "save_id": save_id, "total_size": total_bytes}, "weight_map": weight_map}
+    fd, tmp = tempfile.mkstemp(prefix=f".{index_path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(index, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, index_path)
+    if path.exists():
+        path.unlink()  # a single-file checkpoint of the same name is superseded
+    for stale in old - set(weight_map.values()):
+        path.with_name(stale).unlink(missing_ok=True)
+    return index_path
+
+
+def _shard_files(index_path: Path) -> set[str]:
+    try:
+        return set(json.loads(index_path.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError):
+        return set()
+
+
+def _remove_sharded(index_path: Path) -> None:
+    old = _shard_files(index_path)
+    if index_path.exists():
+        index_path.unlink()
+    for name in old:
+        index_path.with_name(name).unlink(missing_ok=True)
+
+
+def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """Parse and check a safetensors header: (tensor entries, metadata); clear errors for bad files."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or n + 8 > size:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header (it claims {n:,} header bytes; "
+                                      f"the file has {size:,})")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, CheckpointError):
+            raise
+        raise CheckpointError(f"{path}: cannot read a safetensors header: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        try:
+            start, end = entry["data_offsets"]
+            numel = 1
+            for dim in entry["shape"]:
+                numel *= int(dim)
+            itemsize = torch.empty(0, dtype=DTYPES[entry["dtype"]]).element_size()
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
+        if not 0 <= start <= end or end - start != numel * itemsize:
+            raise CheckpointError(f"{path}: tensor {name!r} has inconsistent sizes in the header")
+        if end > data_size:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end:,} of the data, "
+                                  f"but the file holds only {data_size:,} data bytes")
+    return header, metadata
+
+
+def _files(path: Path) -> tuple[list[Path], dict[str, str]]:
+    """The shard files of a checkpoint path (file, index, or the file whose index exists)."""
+    if path.name.endswith(".index.json"):
+        index_path = path
+    elif path.suffix == ".safetensors" and not path.exists() and path.with_name(path.name + ".index.json").exists():
+        index_path = path.with_name(path.name + ".index.json")
+    else:
+        if not path.exists():
+            raise CheckpointError(f"checkpoint not found: {path}")
+        return [path], {}
+    try:
+        index = json.loads(index_path.read_text())
+        names = sorted(set(index["weight_map"].values()))
+        meta = {k: str(v) for k, v in index.get("metadata", {}).items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{index_path}: not a valid checkpoint index: {e}") from None
+    return [index_path.with_name(n) for n in names], meta
+
+
+def checkpoint_config(path: Union[str, Path]) -> tuple[ModelConfig, dict[str, str]]:
+    """The config and metadata a checkpoint carries, without reading its tensors."""
+    files, meta = _files(Path(path))
+    header, file_meta = read_header(files[0])
+    meta = {**file_meta, **meta}
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a hybridnorm-zoo checkpoint (no zoo metadata in its header); "
+                              "HF checkpoints are imported with `zoo convert --from-hf`")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {meta.get('format_version')!r}; this zoo reads {FORMAT_VERSION!r}")
+    try:
+        cfg = merge_config(json.loads(meta["config"]), where=f"checkpoint {path}")
+    except ValueError as e:
+        raise CheckpointError(f"{path}: the config in the checkpoint header is invalid: {e}") from None
+    return cfg, meta
+
+
+def load(path: Union[str, Path], overrides: ConfigSource = None, *, device: Optional[Union[str, torch.device]] = None,
+         dtype: Optional[torch.dtype] = None) -> ZooModel:
+    """Rebuild a model from a checkpoint alone; ``overrides`` may change run-time settings such as
+    ``moe.backend`` (the parameters are the same on every backend)."""
+    from .api import check_components
+
+    path = Path(path)
+    cfg, meta = checkpoint_config(path)
+    if overrides is not None:
+        cfg = merge_config(cfg, overrides, where="overrides")
+    check_components(cfg)
+    files, _ = _files(path)
+    headers = {f: read_header(f)[0] for f in files}
+    with torch.device("meta"):
+        model = ZooModel(cfg)
+    expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+    found = {name: (tuple(e["shape"]), DTYPES[e["dtype"]]) for h in headers.values() for name, e in h.items()}
+    want_dtype = getattr(torch, meta.get("dtype", ""), None)
+    problems = [f"missing tensor {k!r}" for k in expected if k not in found]
+    problems += [f"unexpected tensor {k!r}" for k in found if k not in expected]
+    for k, (shape, dt) in found.items():
+        if k in expected and shape != expected[k][0]:
+            problems.append(f"tensor {k!r} has shape {list(shape)}, the config needs {list(expected[k][0])}")
+        elif k in expected and want_dtype is not None and expected[k][1].is_floating_point and dt != want_dtype \
+                and k in dict(model.named_parameters()):
+            problems.append(f"tensor {k!r} is {dt}, the checkpoint says {want_dtype}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise CheckpointError(f"{path} does not match its config: " + "; ".join(problems[:5]) + more)
+    from safetensors.torch import load_file
+    target = torch.device(device) if device is not None else torch.device("cpu")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f, device=str(target)))
+    model.load_state_dict(state, assign=True)
+    leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if leftover:
+        raise CheckpointError(f"{path}: the model has state that checkpoints do not carry: {leftover[:3]}")
+    if dtype is not None:
+        model.to(dtype)
+    model.variant = meta.get("variant") or None
+    return model
