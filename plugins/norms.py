@@ -123,7 +123,8 @@ class HybridNorm(NormStrategy):
 
 
 class HybridNormStar(NormStrategy):
-    """HybridNorm*: block 0 is Pre-Norm in both sublayers (QKV-Norm kept), later blocks HybridNorm."""
+    """HybridNorm*: block 0 is Pre-Norm in both sublayers with QKV-Norm kept,
+    ``h = x + A(N(x)); x' = h + F(N(h))``; later blocks are HybridNorm, ``z = N(x + A(x)); x' = z + F(z)``."""
 
     qkv_norm = ("q", "k", "v")
 

@@ -30,5 +30,6 @@ def register_variants(register):
         for strategy in TINY_STRATEGIES:
             register(f"tiny-{kind}-{strategy}", Variant(
                 config=[CONFIGS / f"tiny-{kind}.yaml", {"norm_strategy": strategy}],
-                description=f"Tiny {kind} CPU variant with {strategy} placement.",
+                description=f"Tiny {'MoE' if kind == 'moe' else 'dense'} CPU variant with {strategy} placement"
+                            + (" (active parameters matched to the tiny dense variant)." if kind == "moe" else "."),
                 tags=("tiny",)))

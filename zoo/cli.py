@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import ZooError
@@ -15,6 +16,8 @@ EPILOG = """examples:
   zoo info olmo2-1b-hybridnorm               config, total/active params, FLOPs per token
   zoo info tiny-dense-prenorm --set n_layers=8 --set norm_strategy=mixln
   zoo plugins --json                         what each plugin registered, and any that failed
+  zoo card tiny-moe-hybridnorm               the model card (YAML front matter + Markdown)
+  zoo card --check                           are model_cards/ up to date with the configs?
 
 Plugins load from the 'zoo' entry-point group; ZOO_PLUGINS / ZOO_DISABLE_PLUGINS take
 comma-separated patterns of plugin names to allow / block (ZOO_DISABLE_PLUGINS=broken-plugin).
@@ -83,6 +86,35 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_card(args: argparse.Namespace) -> int:
+    import zoo
+    from .cards import check_cards, load_results, render_card
+    cards_dir = Path(args.dir)
+    names = zoo.list_models() if args.all or args.check else [args.name] if args.name else []
+    if not names:
+        print("zoo: error: give a variant NAME, or --all, or --check", file=sys.stderr)
+        return 2
+    if args.check:
+        stale = check_cards(cards_dir, names)
+        for name in stale:
+            print(f"stale or missing: {cards_dir / (name + '.md')}", file=sys.stderr)
+        if stale:
+            print(f"zoo: error: {len(stale)} of {len(names)} cards are out of date with their configs; "
+                  f"regenerate them with `zoo card --all --write --dir {cards_dir}`", file=sys.stderr)
+            return 1
+        print(f"all {len(names)} cards in {cards_dir} match their configs")
+        return 0
+    for name in names:
+        text = render_card(name, results=load_results(name, cards_dir))
+        if args.write:
+            cards_dir.mkdir(parents=True, exist_ok=True)
+            (cards_dir / f"{name}.md").write_text(text)
+            print(f"wrote {cards_dir / (name + '.md')}")
+        else:
+            sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoo", description="A zoo of decoder-only transformers, dense and MoE, "
                                      "with pluggable norm placements (HybridNorm and peers), attention and routers.",
@@ -103,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable: --set moe.num_experts=16")
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: the config's max_seq_len)")
     p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("card", cmd_card, "Render model cards (HF-style README with YAML front matter) from configs and measured results.")
+    p.add_argument("name", nargs="?", help="variant name; prints its card")
+    p.add_argument("--all", action="store_true", help="every variant")
+    p.add_argument("--write", action="store_true", help="write DIR/NAME.md instead of printing")
+    p.add_argument("--check", action="store_true", help="fail (exit 1) if any card in DIR differs from a fresh render")
+    p.add_argument("--dir", default="model_cards", help="cards folder; results are read from DIR/results/NAME.json (default: model_cards)")
 
     p = add("plugins", cmd_plugins, "List plugins: name, where each came from, what it registered, and failures.")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -1,0 +1,173 @@
+"""Model cards, generated from a variant's config and measured results; never written by hand.
+
+``render_card`` returns an HF-style README (YAML front matter + Markdown). ``zoo card --check``
+compares every variant's card under ``model_cards/`` with a fresh render, so a card cannot drift
+from its config. Measured results come from ``model_cards/results/<name>.json`` when a training
+run wrote one (keys: ``val_loss``, ``train_loss``, ``tokens``, ``dataset``, ``recipe``).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .config import ModelConfig
+from .registry import REGISTRY
+from .stats import model_stats
+
+LICENSE = "apache-2.0"
+CITATION = """@inproceedings{zhuo2025hybridnorm,
+  title     = {HybridNorm: Towards Stable and Efficient Transformer Training via Hybrid Normalization},
+  author    = {Zhuo, Zhijian and Zeng, Yutao and Wang, Ya and Zhang, Sijun and Yang, Jian and Li, Xiaoqing and Zhou, Xun and Ma, Jinwen},
+  booktitle = {Advances in Neural Information Processing Systems},
+  year      = {2025},
+  note      = {arXiv:2503.04598}
+}"""
+
+
+def _human(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
+
+
+def _placement(cfg: ModelConfig) -> str:
+    strategy = REGISTRY.get("norm strategy", cfg.norm_strategy)
+    doc = inspect.getdoc(strategy) or f"{cfg.norm_strategy} (no description)"
+    qkv = ", ".join(strategy.qkv_norm) if strategy.qkv_norm else "none"
+    final = cfg.final_norm if cfg.final_norm is not None else strategy.final_norm
+    embed = cfg.embed_norm if cfg.embed_norm is not None else strategy.embed_norm
+    return (f"{doc}\n\nHere `N` is `{cfg.norm_layer}` (eps {cfg.norm_eps:g}), `A` attention, `F` the FFN. "
+            f"Normalized inside attention: {qkv} (width: {strategy.qkv_norm_width}). "
+            f"Final norm before the LM head: {'yes' if final else 'no'}. Embedding norm: {'yes' if embed else 'no'}.")
+
+
+def _architecture(cfg: ModelConfig, st: Any) -> str:
+    attn = cfg.attention
+    window = attn.sliding_window if attn.sliding_window is not None else "none"
+    if cfg.is_moe:
+        m = cfg.moe
+        ffn = (f"MoE: {m.num_experts} SwiGLU experts of hidden {m.hidden_size}, top-{m.top_k}, router `{m.router}` "
+               f"{json.dumps(m.router_options, sort_keys=True)}, dropless, LB weight {m.lb_weight:g} "
+               f"(1 at perfect balance), z-loss weight {m.z_weight:g}, shared experts {m.shared_experts}")
+    else:
+        ffn = f"dense SwiGLU, hidden {cfg.ffn.hidden_size}"
+    rows = [
+        ("layers", cfg.n_layers), ("d_model", cfg.d_model),
+        ("heads (query / key-value)", f"{cfg.n_heads} / {cfg.kv_heads}, head size {cfg.head_size}"),
+        ("attention", f"`{attn.type}`, RoPE theta {attn.rope_theta:g}, sliding window {window}"),
+        ("FFN", ffn), ("norm strategy", f"`{cfg.norm_strategy}` {json.dumps(cfg.norm_options, sort_keys=True)}"),
+        ("norm layer", f"`{cfg.norm_layer}`, eps {cfg.norm_eps:g}"),
+        ("vocabulary", f"{cfg.vocab_size}, {'tied' if cfg.tie_embeddings else 'untied'} embeddings"),
+        ("context", cfg.max_seq_len),
+        ("parameters", f"{st.total_params:,} total ({_human(st.total_params)}), {st.active_params:,} active "
+                       f"({_human(st.active_params)})"),
+        ("FLOPs per token", f"{st.flops_per_token:,} forward at sequence {st.seq_len} ({_human(st.flops_per_token)}); "
+                            f"training step about 3x ({_human(st.train_flops_per_token)})"),
+    ]
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def front_matter(name: str, cfg: ModelConfig, tags: tuple[str, ...], results: Optional[dict[str, Any]],
+                 base_model: Optional[str] = None) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "library_name": "hybridnorm-zoo", "license": LICENSE, "pipeline_tag": "text-generation",
+        "tags": ["hybridnorm-zoo", cfg.norm_strategy, "moe" if cfg.is_moe else "dense", cfg.norm_layer, *tags],
+    }
+    if results:
+        data["datasets"] = [results.get("dataset", "python-stdlib")]
+    if base_model:
+        data["base_model"] = base_model
+    if results and "val_loss" in results:
+        data["model-index"] = [{"name": name, "results": [{
+            "task": {"type": "text-generation", "name": "Causal language modeling"},
+            "dataset": {"type": results.get("dataset", "python-stdlib"), "name": results.get("dataset_name", "Python standard library source"),
+                        "split": "validation"},
+            "metrics": [{"type": "loss", "name": "validation loss (nats/token)", "value": round(float(results["val_loss"]), 4)}],
+        }]}]
+    return data
+
+
+def render_card(name: str, cfg: Optional[ModelConfig] = None, results: Optional[dict[str, Any]] = None,
+                base_model: Optional[str] = None) -> str:
+    """The card of variant ``name`` (config from the registry unless given) with ``results``."""
+    import zoo
+
+    variant = REGISTRY.get("variant", name) if cfg is None or name in REGISTRY.names("variant") else None
+    cfg = cfg or zoo.get_config(name)
+    st = model_stats(cfg)
+    fm = yaml.safe_dump(front_matter(name, cfg, tuple(variant.tags) if variant else (), results, base_model), sort_keys=False)
+    description = variant.description if variant and variant.description else f"A hybridnorm-zoo model ({cfg.norm_strategy})."
+    if results:
+        recipe = results.get("recipe", "see the training log")
+        weights = f"Trained by the zoo's recipe: {recipe}."
+        results_md = "\n".join(f"| {k} | {v} |" for k, v in sorted(results.items()) if k not in ("recipe",))
+        results_md = "| metric | value |\n|---|---|\n" + results_md
+    else:
+        weights = "No trained weights are published for this variant: `zoo.build` gives it freshly initialized."
+        results_md = "No measured results yet."
+    return f"""---
+{fm}---
+
+# {name}
+
+{description}
+
+{weights}
+
+## Architecture
+
+{_architecture(cfg, st)}
+
+## Norm placement: `{cfg.norm_strategy}`
+
+{_placement(cfg)}
+
+## Initialization
+
+Truncated normal at {cfg.init.cutoff_factor:g} sigma with sigma = {cfg.init_std:.6g} (sqrt(2 / (5 d)) unless overridden);
+residual output projections sigma / sqrt(2 L) = {cfg.init_std / (2 * cfg.n_layers) ** 0.5 if cfg.init.scale_residual else cfg.init_std:.6g};
+norm gains 1 (the HybridNorm paper's Megatron/SmallInit scheme; a strategy may change it, as DeepNorm does).
+
+## Results
+
+{results_md}
+
+## How to use
+
+```python
+import zoo
+model = zoo.build("{name}")            # build by name (freshly initialized)
+model = zoo.load("model.safetensors")  # or load a checkpoint: the file alone rebuilds the model
+```
+
+```bash
+zoo info {name}                        # config, parameters, FLOPs per token
+zoo pull {name}                        # download and verify published weights, where there are any
+```
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+
+
+def load_results(name: str, cards_dir: Path) -> Optional[dict[str, Any]]:
+    path = cards_dir / "results" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_cards(cards_dir: Path, names: list[str]) -> list[str]:
+    """Names whose card under ``cards_dir`` is missing or differs from a fresh render."""
+    stale = []
+    for name in names:
+        path = cards_dir / f"{name}.md"
+        if not path.exists() or path.read_text() != render_card(name, results=load_results(name, cards_dir)):
+            stale.append(name)
+    return stale
