@@ -67,7 +67,10 @@ class SigmoidBiasRouter(Router):
     """DeepSeek-V3 auxiliary-loss-free balancing: ``s = sigmoid(logits)``; experts chosen by the
     top-k of ``s + b``, gated by ``s`` (divided by its selected sum when ``renormalize``, times
     ``route_scale``). After each optimizer step ``b_i += update_rate * sign(mean_load - load_i)``.
-    ``b`` is a buffer: in checkpoints, never in the optimizer."""
+    ``b`` is an fp32 buffer: in checkpoints, never in the optimizer. The bias does the balancing, so
+    the load-balancing loss does not apply (``balancing_loss = False``)."""
+
+    balancing_loss = False
 
     @dataclass
     class Options:
@@ -83,6 +86,11 @@ class SigmoidBiasRouter(Router):
     def reset_parameters(self) -> None:
         self.expert_bias.zero_()
         self.pending_load = None
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.expert_bias = self.expert_bias.float()  # the balancing state stays fp32 whatever the model dtype
+        return self
 
     def route(self, logits: Tensor) -> Routing:
         scores = torch.sigmoid(logits)
