@@ -3,8 +3,11 @@
 RoPE uses the rotate-half pairing (dimension i with i + d_h/2; HF, GPT-NeoX and OLMo) with inverse
 frequencies ``theta^(-2i/d_h)``. The Q/K/V norms the norm strategy asks for are applied after the
 projection and before RoPE: per head (one gain of size d_h shared by all heads) or at full width.
+``attention.options.qkv_bias=true`` adds a bias to the fused q/k/v projection (Qwen2 / Qwen2-MoE).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +36,10 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 class MultiHeadAttention(Attention):
     """Causal self-attention with a fused ``qkv`` projection and an ``out`` projection."""
 
+    @dataclass
+    class Options:
+        qkv_bias: bool = False  # a bias on the fused q/k/v projection (zero at init), as Qwen2 has
+
     def __init__(self, cfg, layer, make_norm, *, qkv_norm=(), qkv_norm_width="head", options=None):
         super().__init__(cfg, layer, make_norm, qkv_norm=qkv_norm, qkv_norm_width=qkv_norm_width, options=options)
         unknown = set(qkv_norm) - {"q", "k", "v"}
@@ -43,7 +50,8 @@ class MultiHeadAttention(Attention):
         self.window = cfg.attention.sliding_window
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
-        self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=False)
+        qkv_bias = bool(options is not None and options.qkv_bias)
+        self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
         self.out = nn.Linear(q_dim, cfg.d_model, bias=False)
         self.full_width = qkv_norm_width == "full"
         widths = dict(zip("qkv", self.split)) if self.full_width else dict.fromkeys("qkv", self.head_dim)
@@ -58,6 +66,8 @@ class MultiHeadAttention(Attention):
         init(w[q_dim:q_dim + kv_dim], "k")
         init(w[q_dim + kv_dim:], "v")
         init(self.out.weight, "o")
+        if self.qkv.bias is not None:
+            nn.init.zeros_(self.qkv.bias)
 
     def _qkv_norms(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return tuple(t if norm is None else norm(t) for norm, t in ((self.q_norm, q), (self.k_norm, k), (self.v_norm, v)))

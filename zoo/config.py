@@ -46,6 +46,8 @@ class MoEConfig:
     router_options: dict[str, Any] = field(default_factory=dict)
     backend: str = "auto"
     shared_experts: int = 0
+    shared_hidden_size: Optional[int] = None  # the shared expert's width; None: shared_experts * hidden_size
+    shared_gate: bool = False  # scale the shared output by sigmoid(shared_gate(x)), Linear(d, 1) (Qwen2-MoE)
     lb_weight: float = 0.01
     z_weight: float = 0.001
     jitter: float = 0.0
@@ -211,6 +213,11 @@ def check_shapes(cfg: ModelConfig) -> None:
             raise ConfigError("moe.num_experts and moe.hidden_size must be positive and moe.shared_experts >= 0")
         if not 1 <= moe.top_k <= moe.num_experts:
             raise ConfigError(f"moe.top_k ({moe.top_k}) must be between 1 and moe.num_experts ({moe.num_experts})")
+        if moe.shared_hidden_size is not None and (moe.shared_hidden_size <= 0 or not moe.shared_experts):
+            raise ConfigError(f"moe.shared_hidden_size ({moe.shared_hidden_size}) must be positive and needs "
+                              "moe.shared_experts >= 1 (it sets the shared expert's width)")
+        if moe.shared_gate and not moe.shared_experts:
+            raise ConfigError("moe.shared_gate=true gates the shared expert; set moe.shared_experts >= 1 too")
         if moe.backend not in MOE_BACKENDS:
             raise ConfigError(f"moe.backend must be one of {', '.join(MOE_BACKENDS)}; got {moe.backend!r}")
 

@@ -28,7 +28,9 @@ class MoEAux:
 
 
 class MoEFFN(nn.Module):
-    """``router.layer.weight (E, H)``, ``experts.mlp.{w1,v1,w2} (E*F, H)``; optional ``shared`` SwiGLU."""
+    """``router.layer.weight (E, H)``, ``experts.mlp.{w1,v1,w2} (E*F, H)``; optional ``shared`` SwiGLU
+    (``moe.shared_hidden_size`` wide, default ``shared_experts * hidden_size``), optionally gated by
+    ``sigmoid(shared_gate(x))`` with ``shared_gate.weight (1, H)`` (``moe.shared_gate``)."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -39,13 +41,18 @@ class MoEFFN(nn.Module):
         options = resolve_options(router_cls.Options, moe.router_options, "moe.router_options", f"router {moe.router!r}")
         self.router = router_cls(cfg, layer, options)
         self.experts = Experts(moe.num_experts, cfg.d_model, moe.hidden_size, moe.backend)
-        self.shared = SwiGLU(cfg.d_model, moe.shared_experts * moe.hidden_size) if moe.shared_experts else None
+        shared_width = moe.shared_hidden_size if moe.shared_hidden_size is not None else moe.shared_experts * moe.hidden_size
+        self.shared = SwiGLU(cfg.d_model, shared_width) if moe.shared_experts else None
+        # Qwen2-MoE's shared-expert gate: the shared output is scaled by sigmoid(shared_gate(x))
+        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if moe.shared_experts and moe.shared_gate else None
 
     def init_weights(self, init: Init) -> None:
         self.router.init_weights(init)
         self.experts.init_weights(init)
         if self.shared is not None:
             self.shared.init_weights(init)
+        if self.shared_gate is not None:
+            init(self.shared_gate.weight, "router")
 
     def inactive_params(self) -> int:
         """Expert parameters a token does not use: all but k of the E experts."""
@@ -59,7 +66,10 @@ class MoEFFN(nn.Module):
         routing = self.router(tokens)
         y = self.experts(tokens, routing)
         if self.shared is not None:
-            y = y + self.shared(tokens)
+            shared = self.shared(tokens)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(tokens)) * shared
+            y = y + shared
         lb = load_balancing_loss(routing.probs, routing.selected, routing.top_k) if self.router.balancing_loss \
             else routing.logits.new_zeros(())
         z = z_loss(routing.logits)
