@@ -56,8 +56,13 @@ def get_config(name: Union[str, ModelConfig], overrides: ConfigSource = None) ->
 
 
 def build(name: Union[str, ModelConfig], overrides: ConfigSource = None, *, device: Optional[Union[str, torch.device]] = None,
-          dtype: Optional[torch.dtype] = None) -> ZooModel:
-    """Build and initialize a model by variant name (or config). ``device="meta"`` allocates nothing."""
+          dtype: Optional[torch.dtype] = None, pretrained: bool = False) -> ZooModel:
+    """Build and initialize a model by variant name (or config). ``device="meta"`` allocates nothing.
+    ``pretrained=True`` pulls the variant's published weights instead (``zoo.hub.pull``: ``ZOO_ENDPOINT``
+    or the embedded hub, through the HF cache, checksums verified) and loads them."""
+    if pretrained:
+        from .hub import load_pretrained
+        return load_pretrained(name, overrides, device=device, dtype=dtype)
     cfg = get_config(name, overrides)
     device = torch.device(device) if device is not None else torch.device("cpu")
     with device:  # built in place, so a plugin's own parameter values survive; then the zoo's init

@@ -93,8 +93,9 @@ def front_matter(name: str, cfg: ModelConfig, tags: tuple[str, ...], results: Op
 
 
 def render_card(name: str, cfg: Optional[ModelConfig] = None, results: Optional[dict[str, Any]] = None,
-                base_model: Optional[str] = None) -> str:
-    """The card of variant ``name`` (config from the registry unless given) with ``results``."""
+                base_model: Optional[str] = None, weights_note: Optional[str] = None) -> str:
+    """The card of variant ``name`` (config from the registry unless given) with ``results``;
+    ``weights_note`` replaces the sentence about the weights (``zoo publish`` says which weights it published)."""
     import zoo
 
     variant = REGISTRY.get("variant", name) if cfg is None or name in REGISTRY.names("variant") else None
@@ -110,6 +111,8 @@ def render_card(name: str, cfg: Optional[ModelConfig] = None, results: Optional[
     else:
         weights = "No trained weights are published for this variant: `zoo.build` gives it freshly initialized."
         results_md = "No measured results yet."
+    if weights_note is not None:
+        weights = weights_note
     return f"""---
 {fm}---
 

@@ -1,0 +1,442 @@
+"""Publish, serve and pull over real HTTP on 127.0.0.1: clean, cached, offline, resumed, corrupted,
+404/500, concurrent pulls, malformed names, pretrained builds and the embedded hub."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import zoo
+from zoo import hub
+from zoo.cli import main
+from zoo.hub_server import CHECKSUMS, HubRequestHandler, HubServer, parse_checksums, serve_background
+
+ZOO = str(Path(sys.executable).parent / "zoo")
+NAME = "tiny-dense-prenorm"  # not in the zoo's index: verified against a test index or the served checksums
+HUB_ENV = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME", "ZOO_ENDPOINT", "HF_HUB_OFFLINE",
+           "TRANSFORMERS_OFFLINE")
+
+
+@pytest.fixture(autouse=True)
+def hf_home(tmp_path, monkeypatch):
+    """Every test gets its own empty HF cache; no hub variable leaks in from the caller."""
+    for var in HUB_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    return tmp_path / "hf"
+
+
+@pytest.fixture(scope="module")
+def published(tmp_path_factory):
+    """One published variant in DIR, with a test index that records it."""
+    root = tmp_path_factory.mktemp("published")
+    index = root.parent / f"{root.name}-index.json"
+    folder = hub.publish(NAME, root / "hub", index=index)
+    sums = (folder / CHECKSUMS).read_bytes()
+    return types.SimpleNamespace(dir=root / "hub", folder=folder, index=index, commit=hashlib.sha1(sums).hexdigest(),
+                                 files=parse_checksums(sums.decode(), "test"))
+
+
+def snapshot_of(hf_home: Path, name: str = NAME) -> Path:
+    return hf_home / "hub" / f"models--zoo--{name}" / "snapshots"
+
+
+def blobs_of(hf_home: Path, name: str = NAME) -> list[Path]:
+    return sorted((hf_home / "hub" / f"models--zoo--{name}" / "blobs").iterdir())
+
+
+def assert_pulled(path: Path, published, hf_home: Path) -> None:
+    assert path == snapshot_of(hf_home) / published.commit
+    for filename in [*published.files, CHECKSUMS]:
+        assert (path / filename).read_bytes() == (published.folder / filename).read_bytes(), filename
+
+
+def request(url: str, method: str = "GET", headers: dict | None = None):
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method=method, headers=headers or {}), timeout=10) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+# ---------------------------------------------------------------------------------------------
+# publish
+# ---------------------------------------------------------------------------------------------
+def test_publish_writes_an_hf_style_repository(published):
+    folder = published.folder
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", CHECKSUMS, "config.yaml", "model.safetensors"]
+    assert sorted(published.files) == ["README.md", "config.yaml", "model.safetensors"]
+    for filename, digest in published.files.items():
+        assert hashlib.sha256((folder / filename).read_bytes()).hexdigest() == digest
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\n") and "**untrained**" in card and "torch.manual_seed(0)" in card
+    assert (folder / "config.yaml").read_text() == zoo.get_config(NAME).to_yaml()
+    model = zoo.load(folder / "model.safetensors")
+    assert model.variant == NAME
+    index = json.loads(published.index.read_text())
+    assert index == {NAME: {"revision": published.commit, "files": {
+        **published.files, CHECKSUMS: hashlib.sha256((folder / CHECKSUMS).read_bytes()).hexdigest()}}}
+
+
+def test_publish_a_checkpoint_under_a_name(tmp_path):
+    torch.manual_seed(1)
+    ckpt = zoo.save(zoo.build("tiny-dense-hybridnorm"), tmp_path / "ckpt" / "mine.safetensors")
+    assert main(["publish", str(ckpt), "--to", str(tmp_path / "out"), "--name", "my-tiny"]) == 0
+    folder = tmp_path / "out" / "my-tiny"
+    assert "come from the zoo checkpoint `mine.safetensors`" in (folder / "README.md").read_text()
+    a, b = load_file(ckpt), load_file(folder / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------
+# the server
+# ---------------------------------------------------------------------------------------------
+def test_server_speaks_the_resolve_protocol_and_serves_nothing_outside_dir(published, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(published.folder, root / NAME)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for you")
+    evil = root / "evil"
+    evil.mkdir()
+    (evil / "leak.txt").symlink_to(secret)
+    digest = hashlib.sha256(secret.read_bytes()).hexdigest()
+    (evil / CHECKSUMS).write_text(f"{digest}  leak.txt\n")
+    weights = (published.folder / "model.safetensors").read_bytes()
+    with serve_background(root) as url:
+        base = f"{url}/zoo/{NAME}/resolve"
+        status, h, body = request(f"{base}/main/model.safetensors", "HEAD")
+        assert status == 200 and body == b""
+        assert h["Content-Length"] == str(len(weights)) and h["Accept-Ranges"] == "bytes"
+        assert h["ETag"] == f'"{published.files["model.safetensors"]}"' == h["X-Linked-Etag"]
+        assert h["X-Linked-Size"] == str(len(weights)) and h["X-Repo-Commit"] == published.commit
+        status, h, body = request(f"{base}/{published.commit}/model.safetensors", headers={"Range": "bytes=100-199"})
+        assert status == 206 and body == weights[100:200] and h["Content-Range"] == f"bytes 100-199/{len(weights)}"
+        assert request(f"{base}/main/config.yaml", headers={"Range": "bytes=-5"})[2] == (published.folder / "config.yaml").read_bytes()[-5:]
+        status, h, _ = request(f"{base}/main/config.yaml", headers={"Range": "bytes=99999-"})
+        assert status == 416 and h["Content-Range"].startswith("bytes */")
+        status, _, body = request(f"{url}/api/models/zoo/{NAME}/revision/main")
+        info = json.loads(body)
+        assert status == 200 and info["id"] == f"zoo/{NAME}" and info["sha"] == published.commit
+        assert sorted(s["rfilename"] for s in info["siblings"]) == sorted([*published.files, CHECKSUMS])
+        for path, code in [(f"/zoo/nope/resolve/main/{CHECKSUMS}", "RepoNotFound"),
+                           (f"/other/{NAME}/resolve/main/{CHECKSUMS}", "RepoNotFound"),
+                           (f"/zoo/{NAME}/resolve/v2/{CHECKSUMS}", "RevisionNotFound"),
+                           (f"/zoo/{NAME}/resolve/main/missing.bin", "EntryNotFound"),
+                           (f"/zoo/..%2F..%2Fetc/resolve/main/passwd", "RepoNotFound"),
+                           (f"/zoo/{NAME}/resolve/main/..%2F..%2Fsecret.txt", "EntryNotFound"),
+                           (f"/zoo/{NAME}/resolve/main/../../secret.txt", "EntryNotFound"),
+                           ("/zoo/evil/resolve/main/leak.txt", "EntryNotFound")]:  # symlink out of DIR
+            status, h, body = request(url + path)
+            assert status == 404 and h.get("X-Error-Code") == code and "error" in json.loads(body), path
+            assert b"not for you" not in body
+
+
+# ---------------------------------------------------------------------------------------------
+# pull: the real `zoo serve`, cache, offline
+# ---------------------------------------------------------------------------------------------
+def test_pull_from_zoo_serve_then_from_cache_then_offline(published, hf_home, monkeypatch, subprocess_env):
+    server = subprocess.Popen([ZOO, "serve", str(published.dir), "--port", "0", "--quiet"], env=subprocess_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = server.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:\d+", line)
+        assert match, (line, server.stderr.read() if server.poll() is not None else "")
+        url = match.group(0)
+        assert NAME in line
+        path = hub.pull(NAME, endpoint=url, index={})  # verified against the served checksums.sha256
+        assert_pulled(path, published, hf_home)
+        assert (hf_home / "hub" / f"models--zoo--{NAME}" / "refs" / "main").read_text() == published.commit
+    finally:
+        server.send_signal(signal.SIGINT)
+        assert server.wait(timeout=30) == 0
+        assert "serve stopped" in server.stderr.read()
+    # the server is gone: the cache answers, with no network
+    assert_pulled(hub.pull(NAME, endpoint=url, index={}), published, hf_home)
+    assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
+    monkeypatch.setenv("ZOO_ENDPOINT", url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert_pulled(hub.pull(NAME, index={}), published, hf_home)
+    assert_pulled(hub.pull(NAME, index=published.index), published, hf_home)
+    with pytest.raises(hub.HubError) as e:
+        hub.pull("tiny-moe-prenorm", index={})
+    assert str(e.value) == (f"zoo/tiny-moe-prenorm/{CHECKSUMS} is not in the cache {hf_home / 'hub'} and offline mode "
+                            "is on (HF_HUB_OFFLINE=1); pull it once with offline mode off (the embedded hub needs no internet)")
+
+
+def test_pretrained_build_loads_the_published_weights(published, monkeypatch):
+    with serve_background(published.dir) as url:
+        monkeypatch.setenv("ZOO_ENDPOINT", url)
+        model = zoo.build(NAME, pretrained=True)
+    want = load_file(published.folder / "model.safetensors")
+    got = model.state_dict()
+    assert set(want) == set(got) and all(torch.equal(want[k], got[k]) for k in want)
+    assert model.variant == NAME
+
+
+# ---------------------------------------------------------------------------------------------
+# pull: a dropped connection, a corrupted file, errors
+# ---------------------------------------------------------------------------------------------
+class DropOnce(HubRequestHandler):
+    """Sends half of model.safetensors the first time, then drops the connection."""
+
+    dropped = 0
+    ranges: list[str] = []
+
+    def send_body(self, f, length, filename):
+        if self.headers.get("Range"):
+            DropOnce.ranges.append(self.headers["Range"])
+        if filename == "model.safetensors" and DropOnce.dropped == 0:
+            DropOnce.dropped += 1
+            self.wfile.write(f.read(length // 2))
+            self.wfile.flush()
+            self.close_connection = True
+            return
+        super().send_body(f, length, filename)
+
+
+@pytest.mark.parametrize("chunk", [64 * 1024, None])
+def test_pull_resumes_after_the_server_drops_the_connection(published, hf_home, monkeypatch, chunk):
+    """Within one call huggingface_hub retries a broken transfer with a Range request from the last chunk it
+    wrote (chunks of 10 MB by default: a smaller file starts over, which must work too)."""
+    from huggingface_hub import constants
+    if chunk:
+        monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", chunk)
+    DropOnce.dropped, DropOnce.ranges = 0, []
+    with serve_background(published.dir, handler=DropOnce) as url:
+        path = hub.pull(NAME, endpoint=url, index=published.index)
+    half = (published.folder / "model.safetensors").stat().st_size // 2
+    assert DropOnce.dropped == 1
+    assert DropOnce.ranges == ([f"bytes={half // chunk * chunk}-"] if chunk else [])
+    assert_pulled(path, published, hf_home)
+    assert not [p for p in blobs_of(hf_home) if p.name.endswith(".incomplete")]
+
+
+def test_corrupted_file_fails_and_leaves_nothing_bad_in_the_cache(published, hf_home, tmp_path):
+    bad = tmp_path / "corrupt.safetensors"
+    data = bytearray((published.folder / "model.safetensors").read_bytes())
+    data[-10:] = bytes(10)  # same size, other weights
+    bad.write_bytes(bytes(data))
+    bad_sha = hashlib.sha256(data).hexdigest()
+
+    class Corrupting(HubServer):
+        def file_path(self, repo, filename):
+            return bad if filename == "model.safetensors" else super().file_path(repo, filename)
+
+    server = Corrupting(published.dir, quiet=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    url = server.url
+    try:
+        with pytest.raises(hub.ChecksumError) as e:
+            hub.pull(NAME, endpoint=url, index=published.index)
+    finally:
+        server.shutdown()
+        server.server_close()
+    good_sha = published.files["model.safetensors"]
+    assert str(e.value) == (
+        f"checksum mismatch for zoo/{NAME}/model.safetensors from {url}: the zoo's index has sha256 {good_sha}, "
+        f"the download has {bad_sha}; the bad file was removed from the cache (the hub or the transfer is corrupt; "
+        "pull again, or check the hub's files with `sha256sum -c checksums.sha256`)")
+    snapshot = snapshot_of(hf_home) / published.commit
+    assert not (snapshot / "model.safetensors").exists() and not (snapshot / "model.safetensors").is_symlink()
+    assert all(hashlib.sha256(p.read_bytes()).hexdigest() != bad_sha for p in blobs_of(hf_home))
+    assert bad_sha not in [p.name for p in blobs_of(hf_home)]
+    # and the next pull from a good hub repairs it
+    with serve_background(published.dir) as url:
+        assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
+
+
+def test_a_hub_on_another_commit_than_the_index_is_refused(published, tmp_path):
+    index = json.loads(published.index.read_text())
+    index[NAME]["revision"] = "0" * 40
+    with serve_background(published.dir) as url:
+        with pytest.raises(hub.HubError, match="revision '0{40}' of zoo/tiny-dense-prenorm not found at"):
+            hub.pull(NAME, endpoint=url, index=index)
+        with pytest.raises(hub.HubError, match=f"is at commit {published.commit}, but the zoo's index pins 0{{40}}"):
+            hub.pull(NAME, endpoint=url, revision="main", index=index)
+
+
+class Always500(HubRequestHandler):
+    def _handle(self, head):
+        self.send_error_json(500, None, "Internal Server Error", head)
+
+
+def test_404_and_500_give_clear_errors(published, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(published.folder, root / NAME)
+    with open(root / NAME / CHECKSUMS, "a") as f:
+        f.write(f"{'0' * 64}  missing.bin\n")
+    commit = hashlib.sha1((root / NAME / CHECKSUMS).read_bytes()).hexdigest()
+    with serve_background(root) as url:
+        with pytest.raises(hub.HubError) as e:
+            hub.pull("tiny-dense-mixln", endpoint=url)
+        assert str(e.value) == (f"zoo/tiny-dense-mixln not found at {url} (HTTP 404): that hub has no such repository; "
+                                "check the name, or publish it there with `zoo publish tiny-dense-mixln --to DIR`")
+        with pytest.raises(hub.HubError) as e:
+            hub.pull(NAME, endpoint=url, index={})
+        assert str(e.value) == f"file 'missing.bin' of zoo/{NAME} (revision {commit}) not found at {url} (HTTP 404)"
+        assert main(["pull", "tiny-dense-mixln", "--endpoint", url]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("zoo: error: zoo/tiny-dense-mixln not found at")
+    # a server error: huggingface_hub retries with backoff (its sleeps skipped here), then gives up
+    from huggingface_hub.utils import _http
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))
+    with serve_background(root, handler=Always500) as url:
+        with pytest.raises(hub.HubError) as e:
+            hub.pull(NAME, endpoint=url, index={})
+    assert str(e.value) == (f"the hub at {url} answered HTTP 500 for zoo/{NAME}/{CHECKSUMS} and no copy is cached; "
+                            "try again later, or check the server's log")
+
+
+def test_unreachable_hub_with_nothing_cached(monkeypatch):
+    from huggingface_hub.utils import _http
+    monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+    with serve_background(Path(__file__).parent) as url:
+        pass  # a port on which nothing listens any more
+    with pytest.raises(hub.HubError, match=rf"^cannot reach the hub at {url} \(.*\) and zoo/{NAME}/{CHECKSUMS} is not cached"):
+        hub.pull(NAME, endpoint=url, index={})
+
+
+# ---------------------------------------------------------------------------------------------
+# malformed input
+# ---------------------------------------------------------------------------------------------
+class Counting(HubRequestHandler):
+    seen: list[str] = []
+
+    def _handle(self, head):
+        Counting.seen.append(self.path)
+        super()._handle(head)
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "..", "/etc/passwd", "x/../../y", "Tiny", "", "a\\b"])
+def test_malformed_names_fail_before_any_request(published, name, capsys):
+    Counting.seen = []
+    with serve_background(published.dir, handler=Counting) as url:
+        with pytest.raises(hub.HubError) as e:
+            hub.pull(name, endpoint=url)
+        assert str(e.value) == (f"invalid variant name {name!r}: use lowercase letters, digits, '.', '_' and '-', "
+                                "starting with a letter or digit, without '..' or path separators")
+        assert main(["pull", name, "--endpoint", url]) == 2
+        err = capsys.readouterr().err
+        assert err == f"zoo: error: {e.value}\n"
+    assert Counting.seen == []
+
+
+def test_other_malformed_inputs(published, tmp_path, capsys):
+    for kwargs, message in [({"revision": "../main"}, "invalid revision '../main'"),
+                            ({"endpoint": "ftp://x"}, "invalid hub endpoint 'ftp://x'"),
+                            ({"endpoint": "127.0.0.1:80"}, "invalid hub endpoint")]:
+        with pytest.raises(hub.HubError, match=re.escape(message)):
+            hub.pull(NAME, **kwargs)
+    bad = tmp_path / "index.json"
+    bad.write_text('{"x": {"revision": "abc", "files": {}}}')
+    with pytest.raises(hub.HubError, match="malformed index .*entry 'x' needs a 40-hex 'revision'"):
+        hub.pull(NAME, index=bad)
+    with pytest.raises(hub.HubError, match="index not found"):
+        hub.pull(NAME, index=tmp_path / "nope.json")
+    assert main(["publish", "../x", "--to", str(tmp_path)]) == 2
+    assert main(["serve", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["zoo: error: checkpoint not found: ../x",  # a path, so a checkpoint: never a variant name
+                   f"zoo: error: cannot serve {tmp_path / 'missing'}: not a folder (publish variants into one with "
+                   "`zoo publish NAME --to DIR`)"]
+    with pytest.raises(hub.HubError, match="invalid variant name 'Bad'"):
+        hub.publish("Bad", tmp_path)
+    with pytest.raises(zoo.UnknownNameError, match="unknown variant 'no-such-variant'"):
+        hub.publish("no-such-variant", tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# two processes, one cache
+# ---------------------------------------------------------------------------------------------
+class Gate(HubRequestHandler):
+    """Holds the first download of the weights until a second client has asked for them too, so the two
+    pulls overlap for certain (with a time limit, so a failure cannot hang the suite)."""
+
+    lock = threading.Lock()
+    heads = 0
+    gets: list[str] = []
+    both_asked = threading.Event()
+    overlapped = False
+
+    def _handle(self, head):
+        if head and self.path.endswith("/model.safetensors"):
+            with Gate.lock:
+                Gate.heads += 1
+                if Gate.heads >= 2:
+                    Gate.both_asked.set()
+        super()._handle(head)
+
+    def send_body(self, f, length, filename):
+        Gate.gets.append(filename)
+        if filename == "model.safetensors":
+            Gate.overlapped = Gate.both_asked.wait(60)
+        super().send_body(f, length, filename)
+
+
+def test_two_processes_pull_the_same_variant_at_once(published, hf_home, subprocess_env):
+    Gate.heads, Gate.gets, Gate.overlapped = 0, [], False
+    Gate.both_asked.clear()
+    env = subprocess_env(HF_HOME=str(hf_home), HF_HUB_DISABLE_PROGRESS_BARS="1")
+    with serve_background(published.dir, handler=Gate) as url:
+        cmd = [ZOO, "pull", NAME, "--endpoint", url, "--index", str(published.index)]
+        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+        outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err
+        assert out.strip() == str(snapshot_of(hf_home) / published.commit)
+    assert Gate.overlapped  # the second pull asked for the weights while the first was downloading them
+    assert Gate.gets.count("model.safetensors") == 1  # ... then waited on huggingface_hub's lock and reused the blob
+    assert_pulled(snapshot_of(hf_home) / published.commit, published, hf_home)
+    blobs = blobs_of(hf_home)
+    assert sorted(p.name for p in blobs) == sorted({*published.files.values(),
+                                                    hashlib.sha256((published.folder / CHECKSUMS).read_bytes()).hexdigest()})
+
+
+# ---------------------------------------------------------------------------------------------
+# the embedded hub
+# ---------------------------------------------------------------------------------------------
+def test_embedded_hub_matches_the_index_and_fits_the_budget():
+    root = hub.embedded_hub()
+    index = hub.load_index()
+    assert sorted(index) == sorted(p.name for p in root.iterdir() if p.is_dir()) and len(index) >= 2
+    total = 0
+    for name, entry in index.items():
+        sums = (root / name / CHECKSUMS).read_bytes()
+        assert entry["revision"] == hashlib.sha1(sums).hexdigest()
+        assert entry["files"] == {**parse_checksums(sums.decode(), name), CHECKSUMS: hashlib.sha256(sums).hexdigest()}
+        for filename, digest in entry["files"].items():
+            assert hashlib.sha256((root / name / filename).read_bytes()).hexdigest() == digest
+        total += (root / name / "model.safetensors").stat().st_size
+        card = (root / name / "README.md").read_text()
+        assert "**untrained**" in card and f"# {name}" in card
+    assert total <= 25 * 1024 * 1024
+
+
+def test_embedded_hub_needs_no_endpoint(hf_home):
+    assert "ZOO_ENDPOINT" not in os.environ
+    name = "tiny-dense-hybridnorm"
+    entry = hub.load_index()[name]
+    path = hub.pull(name)
+    assert path == snapshot_of(hf_home, name) / entry["revision"]
+    model = zoo.build(name, pretrained=True)
+    want = load_file(hub.embedded_hub() / name / "model.safetensors")
+    assert all(torch.equal(want[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(hub.HubError, match=r"zoo/tiny-dense-mixln is not in the zoo's embedded hub \(it holds: "):
+        hub.pull("tiny-dense-mixln")

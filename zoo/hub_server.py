@@ -1,0 +1,365 @@
+"""`zoo serve`: a folder of published variants served on loopback with the HF Hub resolve protocol.
+
+A served folder holds one repository per variant, ``DIR/<variant>/``, as ``zoo publish`` writes it:
+``README.md``, ``config.yaml``, ``model.safetensors`` and ``checksums.sha256`` (``sha256sum`` lines
+for every other file). The repository id is ``zoo/<variant>``; its files are exactly those that
+``checksums.sha256`` lists, plus that file itself, and its one commit id is the sha1 of
+``checksums.sha256`` (so a re-publish with other bytes is a new commit).
+
+What ``huggingface_hub.hf_hub_download`` needs from a server, and what this one sends:
+
+- ``HEAD|GET /zoo/<variant>/resolve/<revision>/<file>``, revision ``main`` or the commit id, answered
+  with ``ETag`` (the quoted sha256 of the bytes: the cache names the blob after it), ``X-Repo-Commit``,
+  ``Content-Length``, ``Accept-Ranges: bytes``; ``*.safetensors`` files also carry ``X-Linked-Etag`` and
+  ``X-Linked-Size`` as LFS files on the Hub do. ``Range: bytes=a-b`` gets ``206`` with ``Content-Range``,
+  which is how the client resumes a download that lost its connection.
+- ``GET /api/models/zoo/<variant>[/revision/<revision>]``: ``{"id", "sha", "siblings": [{"rfilename"}]}``.
+- Errors as the Hub sends them: 404 with ``X-Error-Code: RepoNotFound | RevisionNotFound |
+  EntryNotFound``, an ``X-Error-Message`` and a JSON body ``{"error": ...}``.
+
+Nothing outside DIR is ever served: names are checked, only listed files are served, and a file
+whose real path (after symlinks) leaves DIR is refused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Optional, Union
+from urllib.parse import unquote, urlsplit
+
+from .errors import ZooError
+from .registry import check_name
+
+NAMESPACE = "zoo"
+CHECKSUMS = "checksums.sha256"
+HOST = "127.0.0.1"
+LFS_SUFFIXES = (".safetensors",)
+CHUNK = 1 << 16
+FILENAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
+COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_CHECKSUM_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
+
+
+class HubError(ZooError):
+    """Publishing, serving or pulling failed; the message says what happened and what to do."""
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_filename(filename: str, where: str) -> str:
+    """A repository file name: one path component, no leading dot, nothing that could climb out."""
+    if not isinstance(filename, str) or not FILENAME_RE.match(filename) or ".." in filename:
+        raise HubError(f"{where}: invalid file name {filename!r} (plain names only: letters, digits, '.', '_', '-')")
+    return filename
+
+
+def parse_checksums(text: str, where: str) -> dict[str, str]:
+    """``sha256sum`` output -> {filename: sha256}; malformed or unsafe lines are an error."""
+    files: dict[str, str] = {}
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = _CHECKSUM_LINE.match(line)
+        if not m:
+            raise HubError(f"{where}, line {i}: not a `sha256sum` line (expected '<64 hex digits>  <file name>')")
+        name = check_filename(m.group(2), f"{where}, line {i}")
+        if name == CHECKSUMS:
+            raise HubError(f"{where}, line {i}: {CHECKSUMS} cannot list itself")
+        if name in files:
+            raise HubError(f"{where}, line {i}: {name} is listed twice")
+        files[name] = m.group(1).lower()
+    return files
+
+
+def format_checksums(files: dict[str, str]) -> str:
+    return "".join(f"{digest}  {name}\n" for name, digest in sorted(files.items()))
+
+
+def commit_id(checksums: bytes) -> str:
+    """The commit a server reports for a repository: the sha1 of its checksums.sha256 (40 hex)."""
+    return hashlib.sha1(checksums).hexdigest()
+
+
+@dataclass(frozen=True)
+class Repo:
+    """One served repository: its folder, its commit and the files it lists {name: sha256}."""
+
+    name: str
+    path: Path
+    commit: str
+    files: dict[str, str]
+
+    @property
+    def repo_id(self) -> str:
+        return f"{NAMESPACE}/{self.name}"
+
+    @property
+    def filenames(self) -> list[str]:
+        return sorted([*self.files, CHECKSUMS])
+
+
+def read_repo(root: Path, name: str) -> Optional[Repo]:
+    """The repository ``root/name`` (None if there is none, or the name is not a variant name)."""
+    try:
+        check_name("variant", name)
+    except ValueError:
+        return None
+    folder = root / name
+    try:
+        data = (folder / CHECKSUMS).read_bytes()
+    except OSError:
+        return None
+    return Repo(name, folder, commit_id(data), parse_checksums(data.decode("utf-8", "replace"), f"{folder / CHECKSUMS}"))
+
+
+def list_repos(root: Path) -> list[str]:
+    try:
+        return sorted(p.name for p in root.iterdir() if p.is_dir() and (p / CHECKSUMS).is_file()
+                      and read_repo(root, p.name) is not None)
+    except (OSError, HubError):
+        return []
+
+
+class HubRequestHandler(BaseHTTPRequestHandler):
+    """HEAD and GET of the resolve and model-info routes; each response closes its connection."""
+
+    server: "HubServer"
+    protocol_version = "HTTP/1.0"
+    server_version = "zoo-hub"
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        self._handle(head=True)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._handle(head=False)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        if not self.server.quiet:
+            sys.stderr.write(f"{self.address_string()} - [{self.log_date_time_string()}] {format % args}\n")
+
+    # -- routing ---------------------------------------------------------------------------
+    def _handle(self, head: bool) -> None:
+        try:
+            segments = [unquote(s) for s in urlsplit(self.path).path.split("/")[1:]]
+            if segments[:2] == ["api", "models"]:
+                self._model_info(segments[2:], head)
+            elif len(segments) >= 5 and segments[2] == "resolve":
+                self._resolve(segments[0], segments[1], segments[3], "/".join(segments[4:]), head)
+            else:
+                self.send_error_json(404, None, f"Not Found: {self.path}", head)
+        except HubError as e:  # a repository's checksums.sha256 is malformed: the server's fault
+            self.send_error_json(500, None, str(e), head)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _repo(self, namespace: str, name: str, head: bool) -> Optional[Repo]:
+        repo = self.server.repo(name) if namespace == NAMESPACE else None
+        if repo is None:
+            self.send_error_json(404, "RepoNotFound", f"Repository Not Found: {namespace}/{name}", head)
+        return repo
+
+    def _revision_ok(self, repo: Repo, revision: str, head: bool) -> bool:
+        if revision in ("main", repo.commit):
+            return True
+        self.send_error_json(404, "RevisionNotFound", f"Revision Not Found: {revision!r} of {repo.repo_id} "
+                             f"(this hub serves 'main' = {repo.commit})", head, repo)
+        return False
+
+    def _model_info(self, rest: list[str], head: bool) -> None:
+        if len(rest) == 2 or (len(rest) == 4 and rest[2] == "revision"):
+            repo = self._repo(rest[0], rest[1], head)
+            if repo is None or (len(rest) == 4 and not self._revision_ok(repo, rest[3], head)):
+                return
+            body = json.dumps({"id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.commit, "private": False,
+                               "library_name": "hybridnorm-zoo",
+                               "siblings": [{"rfilename": f} for f in repo.filenames]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Repo-Commit", repo.commit)
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+            return
+        self.send_error_json(404, None, f"Not Found: {self.path}", head)
+
+    def _resolve(self, namespace: str, name: str, revision: str, filename: str, head: bool) -> None:
+        repo = self._repo(namespace, name, head)
+        if repo is None or not self._revision_ok(repo, revision, head):
+            return
+        path = self.server.file_path(repo, filename) if filename in repo.filenames else None
+        if path is None:
+            self.send_error_json(404, "EntryNotFound", f"Entry Not Found: {filename!r} in {repo.repo_id}", head, repo)
+            return
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            etag = self.server.etag(path)
+            start, length, status = 0, size, 200
+            wanted = self.headers.get("Range")
+            if wanted:
+                span = parse_range(wanted, size)
+                if span == "unsatisfiable":
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if span is not None:
+                    start, end = span
+                    length, status = end - start + 1, 206
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(length))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", f'"{etag}"')
+            self.send_header("X-Repo-Commit", repo.commit)
+            if filename.endswith(LFS_SUFFIXES):
+                self.send_header("X-Linked-Etag", f'"{etag}"')
+                self.send_header("X-Linked-Size", str(size))
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{start + length - 1}/{size}")
+            self.end_headers()
+            if not head:
+                f.seek(start)
+                self.send_body(f, length, filename)
+
+    # -- output ----------------------------------------------------------------------------
+    def send_body(self, f: BinaryIO, length: int, filename: str) -> None:
+        """Copy ``length`` bytes of ``f`` to the client (tests override this to drop or slow it)."""
+        while length > 0:
+            block = f.read(min(CHUNK, length))
+            if not block:
+                break
+            self.wfile.write(block)
+            length -= len(block)
+
+    def send_error_json(self, status: int, code: Optional[str], message: str, head: bool = False,
+                        repo: Optional[Repo] = None) -> None:
+        body = json.dumps({"error": message}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if code:
+            self.send_header("X-Error-Code", code)
+        self.send_header("X-Error-Message", message.encode("ascii", "replace").decode())
+        if repo is not None:
+            self.send_header("X-Repo-Commit", repo.commit)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+
+def parse_range(value: str, size: int) -> Union[None, str, tuple[int, int]]:
+    """One ``bytes=`` range -> (first, last) inclusive; None to ignore it (serve it all), or 'unsatisfiable'."""
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", value)
+    if not m or (not m.group(1) and not m.group(2)):
+        return None  # several ranges or another unit: RFC 9110 lets a server ignore the header
+    if not m.group(1):
+        suffix = int(m.group(2))
+        if suffix == 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - suffix), size - 1
+    start = int(m.group(1))
+    end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+    if start >= size or start > end:
+        return "unsatisfiable"
+    return start, end
+
+
+class HubServer(ThreadingHTTPServer):
+    """The HTTP server of ``zoo serve``: loopback only; reads DIR afresh on every request."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Union[str, Path], port: int = 0, *, handler: type[HubRequestHandler] = HubRequestHandler,
+                 quiet: bool = False, host: str = HOST):
+        root = Path(root)
+        if not root.is_dir():
+            raise HubError(f"cannot serve {root}: not a folder (publish variants into one with `zoo publish NAME --to DIR`)")
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise HubError(f"invalid port {port!r}: use 0 (any free port) to 65535")
+        self.root = root.resolve()
+        self.quiet = quiet
+        self._etags: dict[tuple[str, int, int], str] = {}
+        self._etag_lock = threading.Lock()
+        try:
+            super().__init__((host, port), handler)
+        except OSError as e:
+            raise HubError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port (0 takes any free one)") from None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def repo(self, name: str) -> Optional[Repo]:
+        return read_repo(self.root, name)
+
+    def file_path(self, repo: Repo, filename: str) -> Optional[Path]:
+        """The file to serve for ``filename`` of ``repo``, or None; never a path outside the root."""
+        try:
+            check_filename(filename, repo.repo_id)
+            real = (repo.path / filename).resolve(strict=True)
+        except (HubError, OSError, RuntimeError):
+            return None
+        if self.root not in real.parents or not real.is_file():
+            return None
+        return real
+
+    def etag(self, path: Path) -> str:
+        """The sha256 of a file's bytes, remembered while its size and mtime stay the same."""
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        with self._etag_lock:
+            if key in self._etags:
+                return self._etags[key]
+        digest = sha256_file(path)
+        with self._etag_lock:
+            self._etags[key] = digest
+        return digest
+
+
+@contextmanager
+def serve_background(root: Union[str, Path], port: int = 0, *, handler: type[HubRequestHandler] = HubRequestHandler,
+                     quiet: bool = True) -> Iterator[str]:
+    """``with serve_background(DIR) as url:`` serves DIR on loopback in a thread until the block ends."""
+    server = HubServer(root, port, handler=handler, quiet=quiet)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+                              name=f"zoo-hub {server.url}")
+    thread.start()
+    try:
+        yield server.url
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def serve(root: Union[str, Path], port: int = 0, *, quiet: bool = False,
+          announce: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
+    """Serve DIR on 127.0.0.1 until interrupted (Ctrl-C); the first line announced carries the URL."""
+    server = HubServer(root, port, quiet=quiet)
+    repos = list_repos(server.root)
+    listing = ", ".join(repos) if repos else "none yet; `zoo publish NAME --to DIR` adds them"
+    announce(f"serving {server.root} at {server.url} (repositories: {listing}); "
+             f"pull with `zoo pull NAME --endpoint {server.url}`; Ctrl-C stops")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
