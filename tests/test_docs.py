@@ -1,0 +1,266 @@
+"""The docs stay honest: hooks, config fields, CLI JSON keys, variants and plugin options are all
+documented, and the plugin code in docs/plugins.md runs."""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import re
+import sys
+import types
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import torch
+
+import zoo
+import zoo.cli
+from zoo import hookspecs
+from zoo.config import ModelConfig
+from zoo.registry import REGISTRY
+
+pytestmark = pytest.mark.usefixtures("registry_unchanged")
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+BUILTIN_PLUGINS = ("zoo.norms", "zoo.attention", "zoo.routers", "zoo.variants")
+
+
+def _read(name: str) -> str:
+    path = DOCS / name
+    assert path.is_file(), f"{path} is missing"
+    return path.read_text()
+
+
+def _backticked(text: str) -> set[str]:
+    return set(re.findall(r"`([^`\n]+)`", text))
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", text, flags=re.S | re.M)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference coverage
+# ---------------------------------------------------------------------------------------------
+def test_every_hook_has_a_reference_heading():
+    specs = [name for name, fn in vars(hookspecs).items() if callable(fn) and getattr(fn, "zoo_spec", None) is not None]
+    assert specs, "no hookspecs found"
+    headings = set(re.findall(r"^### (\w+)\(register\)\s*$", _read("plugins.md"), flags=re.M))
+    missing = [name for name in specs if name not in headings]
+    assert not missing, f"docs/plugins.md lacks '### <hook>(register)' headings for {missing}"
+    unknown = sorted(headings - set(specs))
+    assert not unknown, f"docs/plugins.md documents hooks that do not exist: {unknown}"
+
+
+def _dotted_fields(cls: type, prefix: str = "") -> Iterator[str]:
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        yield name
+        if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            value = f.default_factory()  # type: ignore[misc]
+            if dataclasses.is_dataclass(value):
+                yield from _dotted_fields(type(value), name + ".")
+
+
+def test_every_config_field_is_documented():
+    fields = list(_dotted_fields(ModelConfig))
+    assert "moe.router_options" in fields and "init.std" in fields
+    documented = _backticked(_read("config.md"))
+    missing = [f for f in fields if f not in documented]
+    assert not missing, f"docs/config.md lacks these config keys (in backticks): {missing}"
+
+
+def _builtin(kind: str) -> dict[str, Any]:
+    out = {}
+    for record in REGISTRY.plugins():
+        if record.name in BUILTIN_PLUGINS and record.status == "ok":
+            for name in record.registered.get(kind, []):
+                out[name] = REGISTRY.get(kind, name)
+    return out
+
+
+def test_every_builtin_variant_is_listed_in_config_md():
+    variants = _builtin("variant")
+    assert "tiny-dense-hybridnorm" in variants
+    documented = _backticked(_read("config.md"))
+    missing = sorted(v for v in variants if v not in documented)
+    assert not missing, f"docs/config.md's variant table lacks {missing}"
+
+
+def test_every_builtin_plugin_option_is_documented():
+    documented = _backticked(_read("config.md"))
+    options: dict[str, list[str]] = {}
+    for kind in ("norm strategy", "attention", "router"):
+        for name, cls in _builtin(kind).items():
+            if cls.Options is not None:
+                options[f"{kind} {name}"] = [f.name for f in dataclasses.fields(cls.Options)]
+    for name, make in _builtin("norm layer").items():
+        params = inspect.signature(make).parameters
+        options[f"norm layer {name}"] = [p for p in params if p not in ("dim", "eps")]
+    assert options["router switch"] == ["capacity_factor"]
+    missing = {who: [o for o in opts if o not in documented] for who, opts in options.items()}
+    missing = {who: opts for who, opts in missing.items() if opts}
+    assert not missing, f"docs/config.md lacks these plugin options (in backticks): {missing}"
+
+
+@pytest.fixture(scope="module")
+def cli_json() -> dict[str, Any]:
+    """The JSON that `zoo list/info/plugins --json` print, from zoo.cli.main in this process."""
+    import contextlib
+    import io
+
+    out = {}
+    for key, argv in {"list": ["list", "tiny-dense-prenorm", "--json"],
+                      "info": ["info", "tiny-dense-prenorm", "--seq-len", "8", "--json"],
+                      "plugins": ["plugins", "--json"]}.items():
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf):
+            assert zoo.cli.main(argv) == 0, argv
+        out[key] = json.loads(buf.getvalue())
+    return out
+
+
+def test_cli_json_keys_are_documented(cli_json):
+    keys = {
+        "list": set().union(*(row.keys() for row in cli_json["list"])),
+        "info": set(cli_json["info"]),
+        "plugins": set().union(*(rec.keys() for rec in cli_json["plugins"])),
+    }
+    assert {"name", "total_params", "active_params"} <= keys["list"]
+    assert {"config", "flops_per_token", "train_flops_per_token"} <= keys["info"]
+    assert {"source", "status", "registered"} <= keys["plugins"]
+    documented = _backticked(_read("cli.md"))
+    missing = {cmd: sorted(k for k in ks if k not in documented) for cmd, ks in keys.items()}
+    missing = {cmd: ks for cmd, ks in missing.items() if ks}
+    assert not missing, f"docs/cli.md lacks these JSON keys (in backticks): {missing}"
+
+
+def test_cli_json_capture_via_capsys(capsys):
+    """The same keys through pytest's capsys, as a user's test of the CLI would read them."""
+    assert zoo.cli.main(["list", "tiny-dense-prenorm", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    documented = _backticked(_read("cli.md"))
+    assert rows and all(key in documented for row in rows for key in row)
+
+
+# ---------------------------------------------------------------------------------------------
+# The plugin code in docs/plugins.md runs
+# ---------------------------------------------------------------------------------------------
+def _exec_module(source: str, name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    sys.modules[name] = module  # dataclasses look their module up while the class is created
+    try:
+        exec(compile(source, f"<docs/plugins.md:{name}>", "exec"), module.__dict__)
+    finally:
+        del sys.modules[name]
+    return module
+
+
+def _train_steps(model: zoo.ZooModel, steps: int) -> list[float]:
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    batch = torch.randint(0, model.cfg.vocab_size, (2, 17))
+    losses = []
+    for _ in range(steps):
+        out = model(batch[:, :-1], targets=batch[:, 1:])
+        loss = out.loss if out.aux_loss is None else out.loss + out.aux_loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _plugin_blocks() -> list[str]:
+    """Blocks that are whole plugin modules: top-level hooks, no run-time registration of their own."""
+    return [b for b in _python_blocks(_read("plugins.md"))
+            if re.search(r"^@zoo\.hookimpl", b, flags=re.M) and "register_plugin(" not in b]
+
+
+def _tutorial_block() -> str:
+    """The tutorial's module: the first plugin module that defines a zoo.NormStrategy subclass."""
+    blocks = [b for b in _plugin_blocks() if re.search(r"^class \w+\(zoo\.NormStrategy\)", b, flags=re.M)]
+    assert blocks, "docs/plugins.md has no plugin module defining a zoo.NormStrategy subclass"
+    return blocks[0]
+
+
+def test_tutorial_plugin_module_runs():
+    module = _exec_module(_tutorial_block(), "docs_tutorial_plugin")
+    name = zoo.register_plugin(module, name="docs-tutorial")
+    try:
+        record = next(r for r in REGISTRY.plugins() if r.name == name)
+        strategies = record.registered.get("norm strategy", [])
+        assert strategies, record
+        strategy = strategies[0]
+        model = zoo.build("tiny-dense-prenorm", [f"norm_strategy={strategy}", "n_layers=1"])
+        assert all(type(b.strategy).__module__ == "docs_tutorial_plugin" for b in model.blocks)
+        before = [p.detach().clone() for p in model.blocks[0].strategy.parameters()]
+        losses = _train_steps(model, steps=2)
+        assert all(torch.isfinite(torch.tensor(losses)))
+        after = list(model.blocks[0].strategy.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(before, after)), "the strategy's parameters did not train"
+        # the same placement builds as MoE, and counts on meta
+        assert zoo.stats("tiny-moe-prenorm", [f"norm_strategy={strategy}"], flops=False).active_params > 0
+    finally:
+        zoo.unregister_plugin(name)
+    assert strategy not in REGISTRY.names("norm strategy")
+
+
+SMALL = ["n_layers=1", "d_model=64", "n_heads=2", "ffn.hidden_size=128", "moe.hidden_size=64"]
+
+
+def _smoke(kind: str, name: str) -> None:
+    overrides = {
+        "norm strategy": ("tiny-dense-prenorm", [f"norm_strategy={name}"]),
+        "norm layer": ("tiny-dense-hybridnorm", [f"norm_layer={name}"]),
+        "attention": ("tiny-dense-hybridnorm", [f"attention.type={name}"]),
+        "router": ("tiny-dense-prenorm", ["ffn.type=moe", f"moe.router={name}"]),
+    }
+    if kind == "variant":
+        cfg = zoo.get_config(name)
+        assert zoo.stats(cfg, flops=False).total_params > 0
+        return
+    variant, extra = overrides[kind]
+    model = zoo.build(variant, [*SMALL, *extra])
+    losses = _train_steps(model, steps=1)
+    assert all(torch.isfinite(torch.tensor(losses))), (kind, name)
+
+
+def _reference_blocks() -> list[str]:
+    """The hook reference's examples: every plugin module but the tutorial's."""
+    tutorial = _tutorial_block()
+    return [b for b in _plugin_blocks() if b != tutorial]
+
+
+@pytest.mark.parametrize("index", range(len(_reference_blocks())))
+def test_reference_plugin_examples_register_and_build(index):
+    module = _exec_module(_reference_blocks()[index], f"docs_plugin_block_{index}")
+    name = zoo.register_plugin(module, name=f"docs-block-{index}")
+    try:
+        record = next(r for r in REGISTRY.plugins() if r.name == name)
+        assert record.status == "ok" and record.registered, record
+        for kind, names in record.registered.items():
+            for n in names:
+                _smoke(kind, n)
+    finally:
+        zoo.unregister_plugin(name)
+
+
+def test_notebook_example_registers_builds_and_unregisters():
+    blocks = _python_blocks(_read("plugins.md"))
+    notebook = [b for b in blocks if "zoo.register_plugin(" in b and "NormStrategy" in b]
+    cleanup = [b for b in blocks if b.strip().startswith("zoo.unregister_plugin(")]
+    assert notebook and cleanup, "docs/plugins.md lacks the notebook example or its unregister_plugin block"
+    before = {r.name for r in REGISTRY.plugins()}
+    namespace: dict[str, Any] = {"__name__": "docs_notebook"}
+    try:
+        exec(compile(notebook[0], "<docs/plugins.md:notebook>", "exec"), namespace)
+        added = {r.name for r in REGISTRY.plugins()} - before
+        assert len(added) == 1, added
+        assert isinstance(namespace.get("model"), zoo.ZooModel)
+        exec(compile(cleanup[0], "<docs/plugins.md:unregister>", "exec"), namespace)
+        assert {r.name for r in REGISTRY.plugins()} == before
+    finally:
+        for name in {r.name for r in REGISTRY.plugins()} - before:
+            zoo.unregister_plugin(name)
