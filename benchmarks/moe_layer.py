@@ -1,4 +1,4 @@
-"""MoE layer benchmark: the zoo's MoE FFN (grouped_mm and loop backends) side by side with HF
+"""MoE layer benchmark: the zoo's MoE FFN (auto, fused, grouped_mm and loop backends) side by side with HF
 transformers' OLMoE and Mixtral sparse MoE blocks (same weights, same shapes, HF's default experts
 implementation), and a dense SwiGLU FFN of the same active FLOPs. Everything is measured in this
 run, including the matmul peak that the MFU fractions refer to.
@@ -98,7 +98,7 @@ def measure(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[flo
     return timed(fwd, repeats), timed(fwd_bwd, repeats)
 
 
-def run(shapes: list[str], dtypes: list[str], repeats: int) -> dict[str, Any]:
+def run(shapes: list[str], dtypes: list[str], repeats: int, backends: dict[str, list[str]]) -> dict[str, Any]:
     results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "runs": []}
     for dname in dtypes:
         dtype = DTYPES[dname]
@@ -110,29 +110,39 @@ def run(shapes: list[str], dtypes: list[str], repeats: int) -> dict[str, Any]:
             torch.manual_seed(0)
             x = torch.randn(1, T, H, dtype=dtype, requires_grad=True)
             flops_fwd = 2 * T * k * 3 * H * F
-            grouped = zoo_layer(E, k, H, F, renorm, "grouped_mm").to(dtype)
-            loop = zoo_layer(E, k, H, F, renorm, "loop").to(dtype)
-            loop.load_state_dict(grouped.state_dict())
+            zoo_layers = {f"zoo_{b}": zoo_layer(E, k, H, F, renorm, b).to(dtype) for b in backends[dname]}
+            first = next(iter(zoo_layers.values()))
+            for layer in zoo_layers.values():
+                layer.load_state_dict(first.state_dict())
             hf = hf_block(family, E, k, H, F, renorm).to(dtype)
-            copy_to_hf(grouped, hf)
+            copy_to_hf(first, hf)
             dense = SwiGLU(H, k * F).to(dtype)
             with torch.no_grad():
-                diff = (grouped(x)[0].float() - hf(x).float()).abs().max().item()
+                ref = hf(x).float()
+                diffs = {n: (m(x)[0].float() - ref).abs().max().item() for n, m in zoo_layers.items()}
             row: dict[str, Any] = {"shape": shape, "dtype": dname, "E": E, "k": k, "H": H, "F": F, "tokens": T,
-                                   "hf_impl": hf.experts.config._experts_implementation, "max_abs_diff_vs_hf": diff}
-            for name, module in (("zoo_grouped_mm", grouped), ("zoo_loop", loop), ("hf", hf), ("dense_swiglu", dense)):
+                                   "hf_impl": hf.experts.config._experts_implementation, "max_abs_diff_vs_hf": diffs}
+            modules = {**zoo_layers, "hf": hf, "dense_swiglu": dense}
+            for name, module in modules.items():
                 f, fb = measure(module, x, repeats)
                 row[name] = {"fwd_ms": f * 1e3, "fwd_bwd_ms": fb * 1e3,
                              "fwd_bwd_mfu": 3 * flops_fwd / fb / peak, "fwd_mfu": flops_fwd / f / peak}
-            row["speedup_fwd_bwd_vs_hf"] = row["hf"]["fwd_bwd_ms"] / row["zoo_grouped_mm"]["fwd_bwd_ms"]
-            row["speedup_fwd_vs_hf"] = row["hf"]["fwd_ms"] / row["zoo_grouped_mm"]["fwd_ms"]
+                if dname != "fp32":
+                    row[name]["fwd_bwd_mfu_of_fp32_peak"] = 3 * flops_fwd / fb / results["matmul_peak_fp32_gflops"] / 1e9 \
+                        if "matmul_peak_fp32_gflops" in results else None
+            for name in zoo_layers:
+                row[f"{name}_speedup_fwd_bwd_vs_hf"] = row["hf"]["fwd_bwd_ms"] / row[name]["fwd_bwd_ms"]
+                row[f"{name}_speedup_fwd_vs_hf"] = row["hf"]["fwd_ms"] / row[name]["fwd_ms"]
             results["runs"].append(row)
-            print(f"-- {shape} E={E} k={k} H={H} F={F} T={T} (HF experts impl: {row['hf_impl']}, max |zoo-hf| {diff:.2e})")
-            for name in ("zoo_grouped_mm", "zoo_loop", "hf", "dense_swiglu"):
+            print(f"-- {shape} E={E} k={k} H={H} F={F} T={T} (HF experts impl: {row['hf_impl']}; "
+                  f"max |zoo-hf| {', '.join(f'{n}: {d:.1e}' for n, d in diffs.items())})")
+            for name in modules:
                 r = row[name]
-                print(f"   {name:15s} fwd {r['fwd_ms']:8.1f} ms  fwd+bwd {r['fwd_bwd_ms']:8.1f} ms  "
-                      f"({100 * r['fwd_bwd_mfu']:4.0f}% of peak)")
-            print(f"   zoo grouped_mm vs HF: {row['speedup_fwd_bwd_vs_hf']:.2f}x fwd+bwd, {row['speedup_fwd_vs_hf']:.2f}x fwd")
+                print(f"   {name:15s} fwd {r['fwd_ms']:9.1f} ms  fwd+bwd {r['fwd_bwd_ms']:9.1f} ms  "
+                      f"({100 * r['fwd_bwd_mfu']:5.0f}% of the {dname} peak)")
+            for name in zoo_layers:
+                print(f"   {name} vs HF: {row[f'{name}_speedup_fwd_bwd_vs_hf']:.2f}x fwd+bwd, "
+                      f"{row[f'{name}_speedup_fwd_vs_hf']:.2f}x fwd")
     return results
 
 
@@ -141,9 +151,14 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    parser.add_argument("--backends", nargs="+", default=["auto", "fused", "grouped_mm", "loop"],
+                        help="zoo MoE backends to time in fp32 (auto picks fused on CPU)")
+    parser.add_argument("--bf16-backends", nargs="+", default=["auto"],
+                        help="zoo backends to time in bf16 (grouped_mm and loop run native bf16 matmuls, which take "
+                             "minutes on CPUs without bf16 units)")
     parser.add_argument("--json", default="benchmarks/results/moe_layer.json", help="where to write the JSON results")
     args = parser.parse_args()
-    results = run(args.shapes, args.dtypes, args.repeats)
+    results = run(args.shapes, args.dtypes, args.repeats, {"fp32": args.backends, "bf16": args.bf16_backends})
     from pathlib import Path
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))

@@ -34,6 +34,7 @@ from .api import build, get_config, list_models, stats  # noqa: E402  (needs the
 from .checkpoint import load, save  # noqa: E402
 from .model import ModelOutput, ZooModel  # noqa: E402
 from .stats import ModelStats  # noqa: E402
+from . import moe  # noqa: E402,F401  (zoo.moe.after_optimizer_step for training loops)
 
 __all__ = [
     "Attention", "ConfigError", "Init", "ModelConfig", "ModelOutput", "ModelStats", "NormStrategy", "PluginError",

@@ -12,10 +12,13 @@ from typing import Any, Callable, Optional
 from .errors import ZooError
 
 EPILOG = """examples:
+  zoo compare                                tiny dense and MoE HybridNorm vs Pre-Norm, trained side by side
+  zoo train tiny-moe-hybridnorm --steps 300  train one variant (metrics in runs/NAME/metrics.jsonl)
   zoo list 'tiny-*'                          tiny variants with their parameter counts
   zoo info olmo2-1b-hybridnorm               config, total/active params, FLOPs per token
   zoo info tiny-dense-prenorm --set n_layers=8 --set norm_strategy=mixln
   zoo plugins --json                         what each plugin registered, and any that failed
+  zoo convert --from-hf ./Mixtral-dir --to zoo-mixtral   import a transformers checkpoint (zoo convert --help)
   zoo card tiny-moe-hybridnorm               the model card (YAML front matter + Markdown)
   zoo card --check                           are model_cards/ up to date with the configs?
 
@@ -68,7 +71,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"# {args.name}\n{cfg.to_yaml()}")
     print(f"parameters: {st.total_params:,} total ({human(st.total_params)}), {st.active_params:,} active ({human(st.active_params)})")
     print(f"FLOPs per token at seq {st.seq_len}: {st.flops_per_token:,} forward ({human(st.flops_per_token)}), "
-          f"{human(st.train_flops_per_token)} per training step")
+          f"{human(st.train_flops_per_token)} per token per training step")
     return 0
 
 
@@ -115,6 +118,103 @@ def cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
+    from .train import TrainConfig
+    tc = TrainConfig(**defaults)
+    for key in ("steps", "batch_size", "seq_len", "lr", "seed", "data", "eval_every", "checkpoint_every"):
+        value = getattr(args, key, None)
+        if value is not None:
+            setattr(tc, key, value)
+    if getattr(args, "warmup", None) is not None:
+        tc.warmup_steps = args.warmup
+    return tc
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .train import DIVERGED_EXIT, DivergenceError, init_distributed, train
+    out = args.out or f"runs/{args.name}"
+    joined = init_distributed()
+    try:
+        result = train(args.name, args.set or None, _train_config(args), out_dir=out, resume=args.resume)
+    except DivergenceError as e:
+        print(f"zoo: error: {e}", file=sys.stderr)
+        return DIVERGED_EXIT
+    finally:
+        if joined:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    val = f", validation loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
+    if os.environ.get("RANK", "0") != "0":
+        return 0
+    print(f"trained {args.name} for {result.steps} steps: train loss {result.final_train_loss:.4f}{val}, "
+          f"{result.tokens_per_s:,.0f} tokens/s; metrics in {result.metrics}, checkpoint in {out}/checkpoint/")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import compare, print_table
+    tc = _train_config(args, steps=150, eval_every=50)
+    report = compare(args.names or None, tc, args.out, args.set)
+    print_table(report["rows"])
+    print(f"\nreport: {args.out}/report.md, {args.out}/report.json; plots: {args.out}/loss_vs_tokens.png, "
+          f"{args.out}/loss_vs_time.png")
+    return 0
+
+
+def _add_train_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override, repeatable")
+    p.add_argument("--data", default=None, help="'stdlib' (default: this Python's standard library source), a text file or a folder")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (global batch)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (linear warmup, cosine decay to 10%%)")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps")
+    p.add_argument("--eval-every", type=int, default=None, help="validation loss every N steps")
+    p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--seed", type=int, default=None, help="seed of the init and of the data order")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from . import convert
+    dtype = convert.DTYPE_NAMES[args.dtype] if args.dtype else None
+    if args.from_hf:
+        if args.set:
+            raise ZooError("--set applies to --to-hf only; an import takes its config from the HF config.json")
+        ckpt = convert.from_hf(args.from_hf, args.to, dtype=dtype)
+        print(f"wrote {ckpt} and {Path(args.to) / 'config.yaml'}; load it with zoo.load({str(ckpt)!r})")
+        return 0
+    out = convert.to_hf(args.to_hf, args.to, overrides=args.set or None, dtype=dtype)
+    hf_class = json.loads((out / "config.json").read_text())["architectures"][0]
+    fresh = "" if Path(args.to_hf).expanduser().exists() else f" (freshly initialized weights: {args.to_hf!r} is a variant name)"
+    print(f"wrote {out / 'config.json'} and the weights as {hf_class}{fresh}; load it with "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from .hub import publish
+    folder = publish(args.source, args.to, index=args.index, name=args.name, seed=args.seed)
+    files = sorted(p.name for p in folder.iterdir())
+    print(f"published zoo/{folder.name} to {folder} ({', '.join(files)})"
+          + (f"; recorded its sha256s in {args.index}" if args.index else ""))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .hub import serve
+    try:
+        serve(args.dir, args.port, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print("zoo: serve stopped", file=sys.stderr)
+    return 0
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from .hub import pull
+    print(pull(args.name, endpoint=args.endpoint, revision=args.revision, index=args.index))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zoo", description="A zoo of decoder-only transformers, dense and MoE, "
                                      "with pluggable norm placements (HybridNorm and peers), attention and routers.",
@@ -136,12 +236,64 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: the config's max_seq_len)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = add("train", cmd_train, "Train a variant: AdamW, warmup + cosine, clipping, MoE aux losses; metrics.jsonl and checkpoints.")
+    p.add_argument("name", help="variant name (see `zoo list`)")
+    _add_train_options(p)
+    p.add_argument("--out", default=None, help="run folder (default: runs/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly where it stopped")
+
+    p = add("compare", cmd_compare, "Train variants on the same data, seed and token budget; table, Markdown, JSON and plots.")
+    p.add_argument("names", nargs="*", help="variants (default: tiny dense and MoE HybridNorm and their Pre-Norm baselines)")
+    _add_train_options(p)
+    p.add_argument("--out", default="runs/compare", help="report folder (default: runs/compare)")
+
     p = add("card", cmd_card, "Render model cards (HF-style README with YAML front matter) from configs and measured results.")
     p.add_argument("name", nargs="?", help="variant name; prints its card")
     p.add_argument("--all", action="store_true", help="every variant")
     p.add_argument("--write", action="store_true", help="write DIR/NAME.md instead of printing")
     p.add_argument("--check", action="store_true", help="fail (exit 1) if any card in DIR differs from a fresh render")
     p.add_argument("--dir", default="model_cards", help="cards folder; results are read from DIR/results/NAME.json (default: model_cards)")
+
+    p = add("convert", cmd_convert, "Convert between Hugging Face transformers and the zoo: import Llama, Mistral, "
+            "Mixtral, Qwen2-MoE, OLMoE, Qwen3(-MoE), OLMo-2 and FlexOlmo checkpoints, or export the variants that "
+            "have a transformers equivalent (HybridNorm and other placements transformers lacks are refused).")
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="PATH_OR_REPO", help="an HF model folder (config.json + *.safetensors), "
+                           "or a Hub repository id (downloaded with huggingface_hub; needs network access)")
+    direction.add_argument("--to-hf", metavar="NAME_OR_CHECKPOINT", help="a zoo checkpoint (.safetensors file, index, "
+                           "or folder holding model.safetensors) or a variant name (exported freshly initialized)")
+    p.add_argument("--to", required=True, metavar="DIR", help="output folder: the zoo checkpoint + config.yaml, or the "
+                   "HF config.json + model.safetensors")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast the weights (default: keep the source's dtype)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for --to-hf, repeatable: "
+                   "--set moe.router_options.renormalize=true")
+
+    p = add("publish", cmd_publish, "Write an HF-Hub-style repository folder DIR/NAME (model card as README.md, "
+            "config.yaml, model.safetensors, checksums.sha256) for a variant (untrained weights) or a checkpoint.")
+    p.add_argument("source", metavar="NAME|CHECKPOINT", help="a variant name (published freshly initialized, which "
+                   "its card says) or a zoo checkpoint (*.safetensors or its .index.json)")
+    p.add_argument("--to", required=True, metavar="DIR", help="the folder of repositories; writes DIR/NAME/")
+    p.add_argument("--index", metavar="FILE", help="also record the commit and each file's sha256 in this zoo index "
+                   "JSON (created if missing); the zoo's own is plugins/hub/index.json")
+    p.add_argument("--name", default=None, help="publish a checkpoint under this variant name (default: its header's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization when publishing a NAME (default: 0)")
+
+    p = add("serve", cmd_serve, "Serve a folder of published variants on 127.0.0.1 with the HF Hub resolve protocol "
+            "(for `zoo pull --endpoint URL`, ZOO_ENDPOINT or huggingface_hub); runs until Ctrl-C.")
+    p.add_argument("dir", metavar="DIR", help="a folder written by `zoo publish NAME --to DIR`")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default: 8765; 0 takes any free one)")
+    p.add_argument("--quiet", action="store_true", help="do not log each request to stderr")
+
+    p = add("pull", cmd_pull, "Download a published variant through huggingface_hub into the HF cache (HF_HOME, "
+            "HF_HUB_OFFLINE honoured), verify each file's sha256, and print the snapshot folder.")
+    p.add_argument("name", help="variant name, e.g. tiny-dense-hybridnorm")
+    p.add_argument("--endpoint", metavar="URL", default=None, help="hub URL (default: $ZOO_ENDPOINT, else the zoo's "
+                   "embedded hub, which needs no network)")
+    p.add_argument("--revision", metavar="REV", default=None, help="branch or commit id (default: the commit the zoo's "
+                   "index pins, else main)")
+    p.add_argument("--index", metavar="FILE", default=None, help="zoo index to verify against (default: the shipped one; "
+                   "variants it lacks are verified against the served checksums.sha256)")
 
     p = add("plugins", cmd_plugins, "List plugins: name, where each came from, what it registered, and failures.")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -56,8 +56,10 @@ def register_attention(register: Register) -> None:
 def register_routers(register: Register) -> None:
     """Register MoE routers: subclasses of ``zoo.moe.Router`` (an ``nn.Module``).
 
-    A router maps tokens ``(T, d_model)`` to expert weights and indices ``(T, k)``; its options
-    come from the config's ``moe.router_options``. Example: ``register("topk", TopKRouter)``.
+    Built per MoE layer as ``cls(cfg, layer, options)`` (options from ``moe.router_options``); its
+    gate is ``router.layer`` (E, d_model). ``route(logits)`` returns a ``zoo.moe.Routing``: flat
+    (token, expert, weight) assignments plus what the aux losses and statistics need.
+    Example: ``register("topk", TopKRouter)``.
     """
 
 

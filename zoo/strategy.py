@@ -22,7 +22,8 @@ class NormStrategy(nn.Module):
             x = x + attn(self.attn_norm(x))
             return x + ffn(self.ffn_norm(x))
 
-    Class attributes (instances may override them per layer in ``__init__``):
+    Class attributes (``qkv_norm`` and ``qkv_norm_width`` may be overridden per layer by an
+    instance in ``__init__``; ``final_norm`` and ``embed_norm`` are model-wide, read from the class):
       qkv_norm        which of "q", "k", "v" the attention normalizes (HybridNorm: all three)
       qkv_norm_width  "head" (one gain of head size shared by the heads) or "full" (OLMo-2 width)
       final_norm      whether the model normalizes before the LM head (config may override)
