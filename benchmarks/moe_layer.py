@@ -28,9 +28,13 @@ SHAPES = {  # name: (E, k, H, F, tokens, renormalize, HF family)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
+WARMUPS = 1
+
+
 def timed(fn: Callable[[], Any], repeats: int) -> float:
-    """Median wall seconds of ``fn`` after one warm-up call."""
-    fn()
+    """Median wall seconds of ``fn`` after ``WARMUPS`` warm-up calls."""
+    for _ in range(WARMUPS):
+        fn()
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
@@ -40,9 +44,17 @@ def timed(fn: Callable[[], Any], repeats: int) -> float:
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul in ``dtype``: the practical peak on this machine."""
+    """FLOP/s of a large square matmul in ``dtype`` (the fastest of ``repeats``): the practical peak."""
+    if dtype != torch.float32:
+        n, repeats = 512, 2  # a bf16 matmul without bf16 units runs at a few GFLOP/s
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    return 2 * n**3 / timed(lambda: a @ b, repeats)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
 
 
 def hf_block(family: str, E: int, k: int, H: int, F: int, renormalize: bool) -> torch.nn.Module:
@@ -80,8 +92,8 @@ def zoo_layer(E: int, k: int, H: int, F: int, renormalize: bool, backend: str) -
     return layer
 
 
-def measure(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[float, float]:
-    """(forward seconds, forward+backward seconds)."""
+def measure(module: torch.nn.Module, x: torch.Tensor, repeats: int, fwd_only_too: bool = True) -> tuple[float, float]:
+    """(forward seconds or nan, forward+backward seconds)."""
     def out() -> torch.Tensor:
         y = module(x)
         return y[0] if isinstance(y, tuple) else y
@@ -95,10 +107,11 @@ def measure(module: torch.nn.Module, x: torch.Tensor, repeats: int) -> tuple[flo
         x.grad = None
         out().float().square().mean().backward()
 
-    return timed(fwd, repeats), timed(fwd_bwd, repeats)
+    return timed(fwd, repeats) if fwd_only_too else float("nan"), timed(fwd_bwd, repeats)
 
 
-def run(shapes: list[str], dtypes: list[str], repeats: int, backends: dict[str, list[str]]) -> dict[str, Any]:
+def run(shapes: list[str], dtypes: list[str], repeats: int, backends: dict[str, list[str]], fwd_too: bool = True,
+        dense_too: bool = True) -> dict[str, Any]:
     results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "runs": []}
     for dname in dtypes:
         dtype = DTYPES[dname]
@@ -122,9 +135,9 @@ def run(shapes: list[str], dtypes: list[str], repeats: int, backends: dict[str, 
                 diffs = {n: (m(x)[0].float() - ref).abs().max().item() for n, m in zoo_layers.items()}
             row: dict[str, Any] = {"shape": shape, "dtype": dname, "E": E, "k": k, "H": H, "F": F, "tokens": T,
                                    "hf_impl": hf.experts.config._experts_implementation, "max_abs_diff_vs_hf": diffs}
-            modules = {**zoo_layers, "hf": hf, "dense_swiglu": dense}
+            modules = {**zoo_layers, "hf": hf, **({"dense_swiglu": dense} if dense_too else {})}
             for name, module in modules.items():
-                f, fb = measure(module, x, repeats)
+                f, fb = measure(module, x, repeats, fwd_too)
                 row[name] = {"fwd_ms": f * 1e3, "fwd_bwd_ms": fb * 1e3,
                              "fwd_bwd_mfu": 3 * flops_fwd / fb / peak, "fwd_mfu": flops_fwd / f / peak}
                 if dname != "fp32":
@@ -157,8 +170,14 @@ def main() -> None:
                         help="zoo backends to time in bf16 (grouped_mm and loop run native bf16 matmuls, which take "
                              "minutes on CPUs without bf16 units)")
     parser.add_argument("--json", default="benchmarks/results/moe_layer.json", help="where to write the JSON results")
+    parser.add_argument("--warmups", type=int, default=1, help="untimed calls before timing")
+    parser.add_argument("--fwd-bwd-only", action="store_true", help="skip the forward-only timings")
+    parser.add_argument("--no-dense", action="store_true", help="skip the dense SwiGLU peer")
     args = parser.parse_args()
-    results = run(args.shapes, args.dtypes, args.repeats, {"fp32": args.backends, "bf16": args.bf16_backends})
+    global WARMUPS
+    WARMUPS = args.warmups
+    results = run(args.shapes, args.dtypes, args.repeats, {"fp32": args.backends, "bf16": args.bf16_backends},
+                  fwd_too=not args.fwd_bwd_only, dense_too=not args.no_dense)
     from pathlib import Path
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))

@@ -146,6 +146,7 @@ class _FusedGLU(torch.autograd.Function):
         out_TH = torch.zeros(x_TH.shape, dtype=cdt, device=x_TH.device)
         gate_NF = torch.empty(N, F_, dtype=cdt, device=x_TH.device)
         up_NF = torch.empty(N, F_, dtype=cdt, device=x_TH.device)
+        act_NF = torch.empty(N, F_, dtype=cdt, device=x_TH.device)  # silu(gate), saved for the backward
         start = 0
         for e, n in enumerate(counts):
             if n:
@@ -154,16 +155,18 @@ class _FusedGLU(torch.autograd.Function):
                 x_nH = x_TH.index_select(0, tok).to(cdt)
                 gate = torch.mm(x_nH, w1_EFH[e].t().to(cdt), out=gate_NF[rows])
                 up = torch.mm(x_nH, v1_EFH[e].t().to(cdt), out=up_NF[rows])
-                h = F.silu(gate).mul_(up).mul_(weight_N[rows].unsqueeze(1).to(cdt))
+                act = torch.ops.aten.silu.out(gate, out=act_NF[rows])
+                h = act * up
+                h.mul_(weight_N[rows].unsqueeze(1).to(cdt))
                 out_TH.index_add_(0, tok, h @ w2_EFH[e].to(cdt))
                 start += n
-        ctx.save_for_backward(x_TH, token_N, weight_N, gate_NF, up_NF, w1_EFH, v1_EFH, w2_EFH)
+        ctx.save_for_backward(x_TH, token_N, weight_N, gate_NF, up_NF, act_NF, w1_EFH, v1_EFH, w2_EFH)
         ctx.counts = counts
         return out_TH.to(x_TH.dtype)
 
     @staticmethod
     def backward(ctx: Any, dout_TH: Tensor) -> tuple[Optional[Tensor], ...]:
-        x_TH, token_N, weight_N, gate_NF, up_NF, w1_EFH, v1_EFH, w2_EFH = ctx.saved_tensors
+        x_TH, token_N, weight_N, gate_NF, up_NF, act_NF, w1_EFH, v1_EFH, w2_EFH = ctx.saved_tensors
         cdt = gate_NF.dtype
         dx_TH = torch.zeros(x_TH.shape, dtype=cdt, device=x_TH.device)
         dw1, dv1, dw2 = (torch.zeros(w.shape, dtype=cdt, device=w.device) for w in (w1_EFH, v1_EFH, w2_EFH))
@@ -174,19 +177,17 @@ class _FusedGLU(torch.autograd.Function):
                 continue
             rows = slice(start, start + n)
             tok = token_N[rows]
-            gate, up = gate_NF[rows], up_NF[rows]
+            gate, up, act = gate_NF[rows], up_NF[rows], act_NF[rows]
             x_nH = x_TH.index_select(0, tok).to(cdt)
             dy_nH = dout_TH.index_select(0, tok).to(cdt)
             w_n1 = weight_N[rows].unsqueeze(1).to(cdt)
-            sig = torch.sigmoid(gate)
-            act = gate * sig  # silu(gate)
             dh = dy_nH @ w2_EFH[e].t().to(cdt)  # gradient of the gated hidden h * w
             act_up = act * up
             dweight_N[rows] = (dh * act_up).sum(1).to(weight_N.dtype)
             torch.mm(act_up.mul_(w_n1).t(), dy_nH, out=dw2[e])
             dh.mul_(w_n1)
             d_up = dh * act
-            d_gate = dh.mul_(up).mul_(sig * (1 + gate * (1 - sig)))
+            d_gate = torch.ops.aten.silu_backward(dh.mul_(up), gate)
             torch.mm(d_gate.t(), x_nH, out=dw1[e])
             torch.mm(d_up.t(), x_nH, out=dv1[e])
             dx_nH = d_gate @ w1_EFH[e].to(cdt)
