@@ -111,3 +111,14 @@ def fake_entry_points(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callab
     yield install
     for name in [m for m in sys.modules if m.startswith(f"_zoo_fake_plugin_{tag}")]:
         del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def one_intra_op_thread():
+    """Tiny tensors: one intra-op thread is faster than two, and on a busy 2-core machine far faster
+    (OpenMP threads spin waiting for a core). Modules opt in with ``pytestmark``; restored after."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

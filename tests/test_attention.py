@@ -13,19 +13,13 @@ import torch
 
 import zoo
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 D, H, SEQ, BATCH = 64, 4, 16, 2
 HD = D // H
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and on a busy 2-core machine far
-    faster (OpenMP threads spin waiting for a core). Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def base(n_kv_heads=H, *extra):

@@ -28,6 +28,8 @@ from torch import nn
 
 import zoo
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 N_LAYERS, N_HEADS, N_KV_HEADS, D_MODEL, D_FF = 3, 4, 2, 64, 128
 D_K = D_MODEL // N_HEADS
 EPS = 1e-5
@@ -37,14 +39,6 @@ OVERRIDES = [f"n_layers={N_LAYERS}", f"n_heads={N_HEADS}", f"n_kv_heads={N_KV_HE
 ATOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and on a busy 2-core machine far
-    faster (OpenMP threads spin waiting for a core). Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------------

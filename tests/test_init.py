@@ -15,20 +15,14 @@ import torch
 
 import zoo
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 D, L, H, KV, F, V = 512, 2, 8, 4, 512, 256
 HD = D // H
 SIGMA = math.sqrt(2.0 / (5.0 * D))
 REL = 0.03  # a few percent; the smallest tensor checked has 2^17 entries (std error ~0.2 %)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and on a busy 2-core machine far
-    faster (OpenMP threads spin waiting for a core). Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def shape(*extra):

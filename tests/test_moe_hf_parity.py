@@ -25,16 +25,9 @@ from transformers import MixtralConfig, OlmoeConfig, OlmoeForCausalLM  # noqa: E
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock  # noqa: E402
 from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("registry_unchanged")
+pytestmark = pytest.mark.usefixtures("registry_unchanged", "one_intra_op_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny shapes: one intra-op thread is faster than two, and immune to a busy neighbour process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 BACKENDS = ("loop", "grouped_mm", "fused")

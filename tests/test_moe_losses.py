@@ -15,16 +15,9 @@ import torch
 import zoo
 from zoo.moe import MoEFFN, load_balancing_loss, z_loss
 
-pytestmark = pytest.mark.usefixtures("registry_unchanged")
+pytestmark = pytest.mark.usefixtures("registry_unchanged", "one_intra_op_thread")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """Tiny shapes: one intra-op thread is faster than two, and immune to a busy neighbour process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 H, FF = 32, 16

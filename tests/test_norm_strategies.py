@@ -18,20 +18,14 @@ from torch import nn
 
 import zoo
 
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
+
 ATOL = 1e-5
 BATCH, SEQ = 2, 16
 # d_model 64, 4 heads of 16, GQA with 2 KV heads, 3 layers.
 BASE = ["d_model=64", "n_layers=3", "n_heads=4", "n_kv_heads=2", "ffn.hidden_size=128"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread is faster, and on a busy 2-core machine far
-    faster (OpenMP threads spin waiting for a core). Restored after the module."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------------------------------------
