@@ -59,6 +59,20 @@ def _write_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[s
             os.unlink(tmp)
 
 
+def split_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive groups of tensors of at most ``max_shard_bytes`` each (a larger tensor stands alone)."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    return shards
+
+
 def save(model: ZooModel, path: Union[str, Path], *, variant: Optional[str] = None,
          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Save ``model`` to ``path`` (``*.safetensors``); returns the file to load (file or index)."""
@@ -74,15 +88,7 @@ def save(model: ZooModel, path: Union[str, Path], *, variant: Optional[str] = No
         _write_atomic(tensors, path, metadata)
         _remove_sharded(index_path)
         return path
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
+    shards = split_shards(tensors, max_shard_bytes)
     save_id = uuid.uuid4().hex[:8]
     weight_map = {}
     for i, shard in enumerate(shards, 1):

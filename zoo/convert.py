@@ -51,6 +51,7 @@ from typing import Any, Optional, Union
 
 import torch
 
+from .checkpoint import split_shards
 from .config import ConfigSource, ModelConfig, merge_config
 from .errors import ZooError
 
@@ -627,15 +628,7 @@ def _write_hf_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_byt
     if total <= max_shard_bytes:
         save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
         return
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += n
+    shards = split_shards(tensors, max_shard_bytes)
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
