@@ -92,8 +92,8 @@ def zoo_layer(E: int, k: int, H: int, F: int, renormalize: bool, backend: str) -
     return layer
 
 
-def measure(module: torch.nn.Module, x: torch.Tensor, repeats: int, fwd_only_too: bool = True) -> tuple[float, float]:
-    """(forward seconds or nan, forward+backward seconds)."""
+def step_fns(module: torch.nn.Module, x: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(forward, forward+backward) of ``module`` on ``x``."""
     def out() -> torch.Tensor:
         y = module(x)
         return y[0] if isinstance(y, tuple) else y
@@ -107,7 +107,27 @@ def measure(module: torch.nn.Module, x: torch.Tensor, repeats: int, fwd_only_too
         x.grad = None
         out().float().square().mean().backward()
 
-    return timed(fwd, repeats) if fwd_only_too else float("nan"), timed(fwd_bwd, repeats)
+    return fwd, fwd_bwd
+
+
+def measure_all(modules: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int,
+                fwd_too: bool = True) -> dict[str, tuple[float, float]]:
+    """Median (forward, forward+backward) seconds per module, timed round-robin: each round runs
+    every module once, so a change in the machine's speed during the run hits all of them alike."""
+    fns = {name: step_fns(m, x) for name, m in modules.items()}
+    for _ in range(WARMUPS):
+        for fwd, fwd_bwd in fns.values():
+            fwd_bwd()
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in fns}
+    for _ in range(repeats):
+        for name, (fwd, fwd_bwd) in fns.items():
+            for fn, bucket in ((fwd, times[name][0]), (fwd_bwd, times[name][1])):
+                if fn is fwd and not fwd_too:
+                    continue
+                t = time.perf_counter()
+                fn()
+                bucket.append(time.perf_counter() - t)
+    return {name: (statistics.median(f) if f else float("nan"), statistics.median(fb)) for name, (f, fb) in times.items()}
 
 
 def run(shapes: list[str], dtypes: list[str], repeats: int, backends: dict[str, list[str]], fwd_too: bool = True,
@@ -136,8 +156,7 @@ def run(shapes: list[str], dtypes: list[str], repeats: int, backends: dict[str, 
             row: dict[str, Any] = {"shape": shape, "dtype": dname, "E": E, "k": k, "H": H, "F": F, "tokens": T,
                                    "hf_impl": hf.experts.config._experts_implementation, "max_abs_diff_vs_hf": diffs}
             modules = {**zoo_layers, "hf": hf, **({"dense_swiglu": dense} if dense_too else {})}
-            for name, module in modules.items():
-                f, fb = measure(module, x, repeats, fwd_too)
+            for name, (f, fb) in measure_all(modules, x, repeats, fwd_too).items():
                 row[name] = {"fwd_ms": f * 1e3, "fwd_bwd_ms": fb * 1e3,
                              "fwd_bwd_mfu": 3 * flops_fwd / fb / peak, "fwd_mfu": flops_fwd / f / peak}
                 if dname != "fp32":
