@@ -17,6 +17,7 @@ import yaml
 from .config import ModelConfig
 from .registry import REGISTRY
 from .stats import model_stats
+from .text import human
 
 LICENSE = "apache-2.0"
 CITATION = """@inproceedings{zhuo2025hybridnorm,
@@ -26,13 +27,6 @@ CITATION = """@inproceedings{zhuo2025hybridnorm,
   year      = {2025},
   note      = {arXiv:2503.04598}
 }"""
-
-
-def _human(n: float) -> str:
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(int(n))
 
 
 def _placement(cfg: ModelConfig) -> str:
@@ -64,10 +58,10 @@ def _architecture(cfg: ModelConfig, st: Any) -> str:
         ("norm layer", f"`{cfg.norm_layer}`, eps {cfg.norm_eps:g}"),
         ("vocabulary", f"{cfg.vocab_size}, {'tied' if cfg.tie_embeddings else 'untied'} embeddings"),
         ("context", cfg.max_seq_len),
-        ("parameters", f"{st.total_params:,} total ({_human(st.total_params)}), {st.active_params:,} active "
-                       f"({_human(st.active_params)})"),
-        ("FLOPs per token", f"{st.flops_per_token:,} forward at sequence {st.seq_len} ({_human(st.flops_per_token)}); "
-                            f"training step about 3x ({_human(st.train_flops_per_token)})"),
+        ("parameters", f"{st.total_params:,} total ({human(st.total_params)}), {st.active_params:,} active "
+                       f"({human(st.active_params)})"),
+        ("FLOPs per token", f"{st.flops_per_token:,} forward at sequence {st.seq_len} ({human(st.flops_per_token)}); "
+                            f"training step about 3x ({human(st.train_flops_per_token)})"),
     ]
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .errors import ZooError
+from .text import human, print_table
 
 EPILOG = """examples:
   zoo compare                                tiny dense and MoE HybridNorm vs Pre-Norm, trained side by side
@@ -25,21 +26,6 @@ EPILOG = """examples:
 Plugins load from the 'zoo' entry-point group; ZOO_PLUGINS / ZOO_DISABLE_PLUGINS take
 comma-separated patterns of plugin names to allow / block (ZOO_DISABLE_PLUGINS=broken-plugin).
 JSON output keys are documented in docs/cli.md."""
-
-
-def human(n: float) -> str:
-    """1178637312 -> '1.18B'."""
-    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g}{unit}"
-    return str(int(n))
-
-
-def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) if rows else len(c) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(widths[c]) for c in columns))
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .errors import ZooError
+from .text import print_table as text_table
 from .train import DIVERGED_EXIT, TrainConfig
 
 DEFAULT_NAMES = ("tiny-dense-hybridnorm", "tiny-dense-prenorm", "tiny-moe-hybridnorm", "tiny-moe-prenorm")
@@ -96,11 +97,7 @@ def markdown_table(rows: list[dict[str, Any]], tc: TrainConfig) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cells = [[_fmt(c, r[c]) for c in COLUMNS] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(COLUMNS)]
-    print("  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)))
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+    text_table([{c: _fmt(c, r[c]) for c in COLUMNS} for r in rows], list(COLUMNS))
 
 
 def plot(curves: dict[str, list[dict[str, Any]]], out: Path) -> None:
