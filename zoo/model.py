@@ -14,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import KVCache, LayerCache
 from .config import ModelConfig, resolve_options
 from .errors import ConfigError
 from .ffn import SwiGLU
+from .generate import GenerationError
 from .init import Init
+from .linear import Linear, linear
 from .registry import REGISTRY
 from .strategy import MakeNorm, NormStrategy
 
@@ -46,13 +49,18 @@ def build_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
 
 
 class Block(nn.Module):
-    """One layer: ``strategy(x, attn, ffn)``; MoE aux outputs are gathered as the FFN runs."""
+    """One layer: ``strategy(x, attn, ffn)``; MoE aux outputs are gathered as the FFN runs.
+
+    With a cache, positions or a mask (generation), the attention is wrapped in a closure that
+    passes them on, so a strategy still calls ``attn(h)`` and needs to know nothing of caching.
+    """
 
     def __init__(self, strategy: NormStrategy, attn: nn.Module, ffn: nn.Module):
         super().__init__()
         self.strategy, self.attn, self.ffn = strategy, attn, ffn
 
-    def forward(self, x: Tensor) -> tuple[Tensor, list[Any]]:
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, positions: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> tuple[Tensor, list[Any]]:
         aux: list[Any] = []
 
         def ffn(h: Tensor) -> Tensor:
@@ -62,7 +70,13 @@ class Block(nn.Module):
                 aux.append(extra)
             return out
 
-        return self.strategy(x, self.attn, ffn), aux
+        if cache is None and positions is None and mask is None:
+            return self.strategy(x, self.attn, ffn), aux
+
+        def attn(h: Tensor) -> Tensor:
+            return self.attn(h, cache=cache, positions=positions, mask=mask)
+
+        return self.strategy(x, attn, ffn), aux
 
 
 class ZooModel(nn.Module):
@@ -89,7 +103,7 @@ class ZooModel(nn.Module):
         use_final_norm = cfg.final_norm if cfg.final_norm is not None else strategy_cls.final_norm
         self.embed_norm = make_norm(cfg.d_model) if use_embed_norm else None
         self.final_norm = make_norm(cfg.d_model) if use_final_norm else None
-        self.head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     @property
     def lm_head_weight(self) -> Tensor:
@@ -112,18 +126,26 @@ class ZooModel(nn.Module):
                     raise ConfigError(f"{type(part).__name__} has no init_weights(init); see docs/plugins.md")
                 part.init_weights(init)
 
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> ModelOutput:
-        """``idx`` (batch, seq) token ids; ``targets`` the next-token ids, -100 where ignored."""
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, cache: Optional[KVCache] = None,
+                positions: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> ModelOutput:
+        """``idx`` (batch, seq) token ids; ``targets`` the next-token ids, -100 where ignored.
+
+        Generation passes a ``KVCache`` (``new_cache``), each token's RoPE ``positions`` (batch, seq)
+        and a bool ``mask`` (batch, seq, cached + seq) of the keys each query may see; see zoo/generate.py.
+        """
         x = self.embed(idx)
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         aux: list[Any] = []
-        for block in self.blocks:
-            x, block_aux = block(x)
+        for i, block in enumerate(self.blocks):
+            if cache is None and positions is None and mask is None:
+                x, block_aux = block(x)
+            else:
+                x, block_aux = block(x, cache.layers[i] if cache is not None else None, positions, mask)
             aux.extend(block_aux)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        logits = F.linear(x, self.lm_head_weight)
+        logits = linear(x, self.lm_head_weight)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
@@ -133,3 +155,19 @@ class ZooModel(nn.Module):
             aux_loss = a.loss if aux_loss is None else aux_loss + a.loss
             stats.append(a.stats)
         return ModelOutput(logits=logits, loss=loss, aux_loss=aux_loss, router_stats=stats)
+
+    def new_cache(self, capacity: int) -> KVCache:
+        """An empty KV cache for up to ``capacity`` tokens per row; raises if an attention cannot cache."""
+        for block in self.blocks:
+            if not getattr(block.attn, "supports_cache", False):
+                raise GenerationError(f"attention {self.cfg.attention.type!r} ({type(block.attn).__name__}) does not "
+                                      "support KV-cached generation (supports_cache is False); see docs/plugins.md")
+        return KVCache(len(self.blocks), capacity)
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
+                 top_p: Optional[float] = None, seed: Optional[int] = None, attention_mask: Optional[Tensor] = None,
+                 eos_id: Optional[int] = None) -> Tensor:
+        """Prompt plus up to ``max_new_tokens`` new tokens per row, with a KV cache (zoo.generate.generate)."""
+        from .generate import generate
+        return generate(self, input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                        attention_mask=attention_mask, eos_id=eos_id)

@@ -15,19 +15,33 @@ from .config import ModelConfig
 class ModelStats:
     """``flops_per_token`` counts one forward pass's matmul FLOPs (2 per multiply-add) at
     ``seq_len``, causal attention counted in full as PaLM's MFU convention does; a training step
-    costs about 3x that. MoE layers are counted at perfect balance (k experts per token)."""
+    costs about 3x that. MoE layers are counted at perfect balance (k experts per token).
+    ``kv_cache_bytes_per_token`` is what generation caches per token, ``2 * n_layers * n_kv_heads *
+    head_size`` values at fp32 (the zoo's default dtype); ``kv_cache_bytes_per_token_bf16`` halves it."""
 
     total_params: int
     active_params: int
     flops_per_token: Optional[int]
     seq_len: Optional[int]
+    kv_cache_bytes_per_token: Optional[int] = None
 
     @property
     def train_flops_per_token(self) -> Optional[int]:
         return None if self.flops_per_token is None else 3 * self.flops_per_token
 
+    @property
+    def kv_cache_bytes_per_token_bf16(self) -> Optional[int]:
+        return None if self.kv_cache_bytes_per_token is None else self.kv_cache_bytes_per_token // 2
+
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "train_flops_per_token": self.train_flops_per_token}
+        return {**asdict(self), "train_flops_per_token": self.train_flops_per_token,
+                "kv_cache_bytes_per_token_bf16": self.kv_cache_bytes_per_token_bf16}
+
+
+def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of K and V one token adds to the KV cache: ``2 * n_layers * n_kv_heads * head_size``
+    elements, so MHA > GQA > MQA at the same width."""
+    return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_size * torch.empty((), dtype=dtype).element_size()
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -54,6 +68,6 @@ def model_stats(cfg: ModelConfig, seq_len: Optional[int] = None, flops: bool = T
         model = ZooModel(cfg)
     total, active = count_params(model)
     if not flops:
-        return ModelStats(total, active, None, None)
+        return ModelStats(total, active, None, None, kv_cache_bytes_per_token(cfg))
     seq_len = seq_len or cfg.max_seq_len
-    return ModelStats(total, active, forward_flops(model, seq_len) // seq_len, seq_len)
+    return ModelStats(total, active, forward_flops(model, seq_len) // seq_len, seq_len, kv_cache_bytes_per_token(cfg))
