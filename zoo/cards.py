@@ -3,7 +3,9 @@
 ``render_card`` returns an HF-style README (YAML front matter + Markdown). ``zoo card --check``
 compares every variant's card under ``model_cards/`` with a fresh render, so a card cannot drift
 from its config. Measured results come from ``model_cards/results/<name>.json`` when a training
-run wrote one (keys: ``val_loss``, ``train_loss``, ``tokens``, ``dataset``, ``recipe``).
+run wrote one (keys: ``val_loss``, ``train_loss``, ``tokens``, ``dataset``, ``recipe``), and
+``zoo eval --write-card`` adds an ``eval`` entry (``loss``, ``perplexity``, ``bits_per_byte``, ``tokens``,
+``data``, ``split``, ``seq_len``, ``weights``) shown under Results and in the model-index.
 """
 from __future__ import annotations
 
@@ -72,18 +74,57 @@ def front_matter(name: str, cfg: ModelConfig, tags: tuple[str, ...], results: Op
         "library_name": "hybridnorm-zoo", "license": LICENSE, "pipeline_tag": "text-generation",
         "tags": ["hybridnorm-zoo", cfg.norm_strategy, "moe" if cfg.is_moe else "dense", cfg.norm_layer, *tags],
     }
-    if results:
-        data["datasets"] = [results.get("dataset", "python-stdlib")]
+    train, ev = split_results(results)
+    if train:
+        data["datasets"] = [train.get("dataset", "python-stdlib")]
+    elif ev:
+        data["datasets"] = [_dataset(ev.get("data", "stdlib"))[0]]
     if base_model:
         data["base_model"] = base_model
-    if results and "val_loss" in results:
-        data["model-index"] = [{"name": name, "results": [{
+    index = []
+    if train and "val_loss" in train:
+        index.append({
             "task": {"type": "text-generation", "name": "Causal language modeling"},
-            "dataset": {"type": results.get("dataset", "python-stdlib"), "name": results.get("dataset_name", "Python standard library source"),
+            "dataset": {"type": train.get("dataset", "python-stdlib"), "name": train.get("dataset_name", "Python standard library source"),
                         "split": "validation"},
-            "metrics": [{"type": "loss", "name": "validation loss (nats/token)", "value": round(float(results["val_loss"]), 4)}],
-        }]}]
+            "metrics": [{"type": "loss", "name": "validation loss (nats/token)", "value": round(float(train["val_loss"]), 4)}],
+        })
+    if ev:
+        kind, label = _dataset(ev.get("data", "stdlib"))
+        index.append({
+            "task": {"type": "text-generation", "name": "Causal language modeling (zoo eval)"},
+            "dataset": {"type": kind, "name": label, "split": "validation" if ev.get("split", "val") == "val" else ev["split"]},
+            "metrics": [{"type": key, "name": EVAL_METRICS[key], "value": round(float(ev[key]), 4)}
+                        for key in EVAL_METRICS if key in ev],
+        })
+    if index:
+        data["model-index"] = [{"name": name, "results": index}]
     return data
+
+
+EVAL_METRICS = {"loss": "loss (nats/token)", "perplexity": "perplexity", "bits_per_byte": "bits per byte"}
+
+
+def split_results(results: Optional[dict[str, Any]]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """A results file's training numbers and its ``eval`` entry (written by ``zoo eval --write-card``)."""
+    results = dict(results or {})
+    ev = results.pop("eval", None)
+    return results, ev if isinstance(ev, dict) and ev else None
+
+
+def _dataset(spec: str) -> tuple[str, str]:
+    return ("python-stdlib", "Python standard library source") if spec == "stdlib" else (spec, spec)
+
+
+def _eval_md(ev: dict[str, Any]) -> str:
+    """The Results subsection of a ``zoo eval --write-card`` entry."""
+    split = "validation" if ev.get("split", "val") == "val" else ev["split"]
+    tokens = f"{ev['tokens']:,} tokens" if "tokens" in ev else "every token"
+    window = f" in windows of {ev['seq_len']}" if "seq_len" in ev else ""
+    weights = f" Weights: {ev['weights']}." if ev.get("weights") else ""
+    rows = "\n".join(f"| {EVAL_METRICS[k]} | {ev[k]:.4f} |" for k in EVAL_METRICS if k in ev)
+    return (f"### Evaluation\n\n`zoo eval` on the {split} split of `{ev.get('data', 'stdlib')}`: {tokens}{window}, each "
+            f"predicted once.{weights}\n\n| metric | value |\n|---|---|\n{rows}")
 
 
 def render_card(name: str, cfg: Optional[ModelConfig] = None, results: Optional[dict[str, Any]] = None,
@@ -97,14 +138,17 @@ def render_card(name: str, cfg: Optional[ModelConfig] = None, results: Optional[
     st = model_stats(cfg)
     fm = yaml.safe_dump(front_matter(name, cfg, tuple(variant.tags) if variant else (), results, base_model), sort_keys=False)
     description = variant.description if variant and variant.description else f"A hybridnorm-zoo model ({cfg.norm_strategy})."
-    if results:
-        recipe = results.get("recipe", "see the training log")
+    train, ev = split_results(results)
+    if train:
+        recipe = train.get("recipe", "see the training log")
         weights = f"Trained by the zoo's recipe: {recipe}."
-        results_md = "\n".join(f"| {k} | {v} |" for k, v in sorted(results.items()) if k not in ("recipe",))
+        results_md = "\n".join(f"| {k} | {v} |" for k, v in sorted(train.items()) if k not in ("recipe",))
         results_md = "| metric | value |\n|---|---|\n" + results_md
     else:
         weights = "No trained weights are published for this variant: `zoo.build` gives it freshly initialized."
-        results_md = "No measured results yet."
+        results_md = "No measured results yet." if ev is None else ""
+    if ev is not None:
+        results_md = f"{results_md}\n\n{_eval_md(ev)}".strip()
     if weights_note is not None:
         weights = weights_note
     return f"""---
