@@ -19,3 +19,36 @@ def test_moe_layer_benchmark_runs_and_matches_hf(tmp_path):
     for name in ("zoo_auto", "hf", "dense_swiglu"):
         assert row[name]["fwd_bwd_ms"] > 0 and row[name]["fwd_bwd_mfu"] > 0
     assert "zoo_auto vs HF" in r.stdout
+
+
+def test_checkpoint_io_benchmark_runs_and_loads_the_saved_weights(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    import zoo
+
+    out, work = tmp_path / "io.json", tmp_path / "work"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "checkpoint_io.py"), "--quick", "--out", str(out),
+                        "--workdir", str(work)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert {"machine", "model", "repeats", "page_cache", "load", "pull", "ratios", "goals", "table"} <= set(data)
+    assert set(data["load"]["variants"]) == {"read_bytes", "zoo_load", "zoo_load_sharded", "safetensors_load_file",
+                                             "torch_load", "torch_load_mmap", "zoo_load_then_touch", "torch_load_then_touch"}
+    assert {"copy", "http_get", "pull", "hf_hub_download_weights", "sha256_weights"} <= set(data["pull"]["variants"])
+    for part in ("load", "pull"):
+        for v in data[part]["variants"].values():
+            assert len(v["times_ms"]) == data["repeats"] == 2 and v["median_ms"] > 0
+    assert set(data["goals"]) == {"load_vs_read", "load_vs_torch_load", "pull_vs_copy"} <= set(data["ratios"])
+    assert all(isinstance(g["pass"], bool) and g["ratio"] > 0 for g in data["goals"].values())
+    assert data["load"]["shards"] > 1 and data["load"]["fresh_process"]["zoo_load"]["median_ms"] > 0
+    assert data["load"]["weights_equal"] == {"zoo_load": True, "zoo_load_sharded": True}
+    assert data["pull"]["pulled_bytes_match"] is True
+    assert "PASS" in r.stdout or "FAIL" in r.stdout
+    # the files it timed: zoo.load gives back exactly the state dict that was saved (torch.save and safetensors)
+    saved = torch.load(work / "model.pt", weights_only=True)
+    for path in (work / "model.safetensors", work / "sharded" / "model.safetensors.index.json"):
+        loaded = zoo.load(path).state_dict()
+        assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    raw = load_file(work / "model.safetensors")
+    assert all(torch.equal(raw[k], saved[k]) for k in saved)

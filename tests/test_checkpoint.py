@@ -166,3 +166,62 @@ def test_missing_file_and_bad_suffix(tmp_path):
         zoo.load(tmp_path / "nope.safetensors")
     with pytest.raises(CheckpointError, match="end in .safetensors"):
         zoo.save(zoo.build("tiny-dense-prenorm"), tmp_path / "m.pt")
+
+
+SAVE_TWICE = """
+    import sys, torch, zoo
+    torch.manual_seed(0)
+    model = zoo.build("tiny-dense-hybridnorm", ["d_model=64", "n_layers=2", "n_heads=2"])
+    zoo.save(model, sys.argv[1] + "/single/model.safetensors", variant="det")
+    zoo.save(model, sys.argv[1] + "/sharded/model.safetensors", variant="det", max_shard_bytes=100_000)
+"""
+
+
+def test_saves_are_byte_deterministic_across_processes(tmp_path, run_python):
+    """safetensors writes metadata in a random per-process order; zoo.save sorts it, so saving the same model in
+    two processes gives the same bytes (republished checksums stay). Sharded saves differ only in the per-save id
+    that keeps their swaps atomic."""
+    for run in ("a", "b"):
+        r = run_python(SAVE_TWICE.replace("sys.argv[1]", repr(str(tmp_path / run))))
+        assert r.returncode == 0, r.stderr
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert (a / "single" / "model.safetensors").read_bytes() == (b / "single" / "model.safetensors").read_bytes()
+    index_a, index_b = (json.loads((d / "sharded" / "model.safetensors.index.json").read_text()) for d in (a, b))
+    ids = index_a["metadata"].pop("save_id"), index_b["metadata"].pop("save_id")
+    assert ids[0] != ids[1] and index_a["metadata"] == index_b["metadata"]
+    shards_a, shards_b = (sorted(set(i["weight_map"].values())) for i in (index_a, index_b))
+    assert len(shards_a) == len(shards_b) > 1
+    for name_a, name_b in zip(shards_a, shards_b):
+        assert name_a.replace(ids[0], ids[1]) == name_b
+        blob_a = (a / "sharded" / name_a).read_bytes()
+        blob_b = (b / "sharded" / name_b).read_bytes()
+        assert blob_a.replace(ids[0].encode(), ids[1].encode()) == blob_b
+
+
+def test_metadata_is_sorted_and_the_header_stays_valid(tmp_path):
+    path = zoo.save(zoo.build("tiny-dense-prenorm"), tmp_path / "m.safetensors", variant="tiny-dense-prenorm")
+    blob = path.read_bytes()
+    (n,) = struct.unpack("<Q", blob[:8])
+    header = json.loads(blob[8:8 + n])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"]) and n % 8 == 0
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata()["variant"] == "tiny-dense-prenorm"
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in zoo.load(path).state_dict().items())
+
+
+def test_first_load_in_a_fresh_process_runs_no_initializer(tmp_path, run_python):
+    """The model is built on meta with initializers skipped: meta kernels of normal_ and friends import
+    torch._dynamo on first use, seconds that a fresh process would pay on its first zoo.load."""
+    path = zoo.save(zoo.build("tiny-moe-hybridnorm-star"), tmp_path / "m.safetensors")
+    r = run_python(f"""
+        import sys, torch, zoo
+        before = "torch._dynamo" in sys.modules
+        calls = []
+        real = torch.Tensor.normal_
+        torch.Tensor.normal_ = lambda self, *a, **k: calls.append(self.shape) or real(self, *a, **k)
+        model = zoo.load({str(path)!r})
+        assert not calls, calls
+        assert before or "torch._dynamo" not in sys.modules
+        assert not any(t.is_meta for t in model.state_dict().values())
+    """)
+    assert r.returncode == 0, r.stderr

@@ -103,6 +103,14 @@ def test_publish_a_checkpoint_under_a_name(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_republishing_in_another_process_keeps_the_commit(published, tmp_path, subprocess_env):
+    """Saves are byte-deterministic, so the same variant published again has the same checksums and commit."""
+    r = subprocess.run([ZOO, "publish", NAME, "--to", str(tmp_path)], env=subprocess_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / NAME / CHECKSUMS).read_bytes() == (published.folder / CHECKSUMS).read_bytes()
+
+
 # ---------------------------------------------------------------------------------------------
 # the server
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +152,36 @@ def test_server_speaks_the_resolve_protocol_and_serves_nothing_outside_dir(publi
             status, h, body = request(url + path)
             assert status == 404 and h.get("X-Error-Code") == code and "error" in json.loads(body), path
             assert b"not for you" not in body
+
+
+def test_server_etag_is_the_recorded_sha256_and_weights_are_never_hashed(published, monkeypatch):
+    """As the Hub sends an LFS file's recorded oid: a fresh server answers at once, whatever the file's size."""
+    from zoo import hub_server
+    hashed = []
+    real = hub_server.sha256_file
+    monkeypatch.setattr(hub_server, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    with serve_background(published.dir) as url:
+        _, weights, _ = request(f"{url}/zoo/{NAME}/resolve/main/model.safetensors", "HEAD")
+        _, sums, _ = request(f"{url}/zoo/{NAME}/resolve/main/{CHECKSUMS}", "HEAD")
+    assert weights["ETag"] == f'"{published.files["model.safetensors"]}"'
+    assert sums["ETag"] == f'"{hashlib.sha256((published.folder / CHECKSUMS).read_bytes()).hexdigest()}"'
+    assert hashed == [CHECKSUMS]
+
+
+def test_server_sends_empty_files_and_ranges_with_sendfile(tmp_path):
+    from zoo.hub_server import format_checksums
+    repo = tmp_path / "sendfile-test"
+    repo.mkdir()
+    data = bytes(range(256)) * 1000
+    (repo / "empty.txt").write_bytes(b"")
+    (repo / "data.bin").write_bytes(data)
+    (repo / CHECKSUMS).write_text(format_checksums({n: hashlib.sha256((repo / n).read_bytes()).hexdigest()
+                                                    for n in ("empty.txt", "data.bin")}))
+    with serve_background(tmp_path) as url:
+        base = f"{url}/zoo/sendfile-test/resolve/main"
+        assert request(f"{base}/empty.txt")[::2] == (200, b"")
+        assert request(f"{base}/data.bin")[::2] == (200, data)
+        assert request(f"{base}/data.bin", headers={"Range": "bytes=1000-"})[::2] == (206, data[1000:])
 
 
 # ---------------------------------------------------------------------------------------------

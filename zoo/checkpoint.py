@@ -4,7 +4,13 @@ A checkpoint is ``NAME.safetensors``, or above ``max_shard_bytes`` shards plus
 ``NAME.safetensors.index.json`` in the Hugging Face convention (``metadata`` and ``weight_map``).
 Shard names carry a per-save id, so a new save never overwrites the files of the old one: the
 index (or the single file) is replaced last, atomically, and a crash at any point leaves the
-previous checkpoint loadable.
+previous checkpoint loadable. Single-file saves are byte-deterministic: the same model saved twice, in
+any two processes, gives the same bytes (so republishing it keeps its checksums); sharded saves differ
+only in their per-save id.
+
+Loading builds the model on the ``meta`` device without running any initializer, then adopts the
+file's tensors as they are (``load_state_dict(assign=True)`` on safetensors' memory-mapped load): no
+init compute, no second copy of the weights.
 """
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch.overrides import TorchFunctionMode
 
 from .config import ConfigSource, ModelConfig, merge_config
 from .errors import ZooError
@@ -46,11 +53,30 @@ def _metadata(model: ZooModel, variant: Optional[str]) -> dict[str, str]:
             "total_params": str(total), "active_params": str(active), "dtype": str(dtype).replace("torch.", "")}
 
 
+def _sort_metadata(path: Union[str, Path]) -> None:
+    """Rewrite a safetensors header in place with its ``__metadata__`` keys sorted, at the same length.
+
+    safetensors writes the metadata in a random per-process order (safetensors#584; upstream PR #790
+    sorts it the same way), which made identical saves byte-different. Tensor entries keep their order.
+    """
+    with open(path, "r+b") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        if not header.get("__metadata__"):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+        canonical = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) <= n:  # same content reordered: always; padding with spaces is what safetensors does
+            f.seek(8)
+            f.write(canonical.ljust(n, b" "))
+
+
 def _write_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        _sort_metadata(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -152,7 +178,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
             numel = 1
             for dim in entry["shape"]:
                 numel *= int(dim)
-            itemsize = torch.empty(0, dtype=DTYPES[entry["dtype"]]).element_size()
+            itemsize = DTYPES[entry["dtype"]].itemsize
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt header entry for tensor {name!r}") from None
         if not 0 <= start <= end or end - start != numel * itemsize:
@@ -182,57 +208,93 @@ def _files(path: Path) -> tuple[list[Path], dict[str, str]]:
     return [index_path.with_name(n) for n in names], meta
 
 
-def checkpoint_config(path: Union[str, Path]) -> tuple[ModelConfig, dict[str, str]]:
-    """The config and metadata a checkpoint carries, without reading its tensors."""
-    files, meta = _files(Path(path))
-    header, file_meta = read_header(files[0])
-    meta = {**file_meta, **meta}
+def _config(path: Union[str, Path], meta: dict[str, str]) -> ModelConfig:
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a hybridnorm-zoo checkpoint (no zoo metadata in its header); "
                               "HF checkpoints are imported with `zoo convert --from-hf`")
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {meta.get('format_version')!r}; this zoo reads {FORMAT_VERSION!r}")
     try:
-        cfg = merge_config(json.loads(meta["config"]), where=f"checkpoint {path}")
+        return merge_config(json.loads(meta["config"]), where=f"checkpoint {path}")
     except ValueError as e:
         raise CheckpointError(f"{path}: the config in the checkpoint header is invalid: {e}") from None
-    return cfg, meta
+
+
+def checkpoint_config(path: Union[str, Path]) -> tuple[ModelConfig, dict[str, str]]:
+    """The config and metadata a checkpoint carries, without reading its tensors."""
+    files, meta = _files(Path(path))
+    meta = {**read_header(files[0])[1], **meta}
+    return _config(path, meta), meta
+
+
+_INIT_FUNCTIONS = frozenset(f for n, f in vars(torch.nn.init).items()
+                            if n.endswith("_") and not n.startswith("_") and callable(f))
+_VALUE_METHODS = frozenset({"normal_", "uniform_", "trunc_normal_", "fill_", "zero_", "copy_", "random_", "bernoulli_",
+                            "exponential_", "geometric_", "log_normal_", "cauchy_", "erfinv_", "mul_", "div_", "add_",
+                            "sub_", "clamp_", "clamp_min_", "clamp_max_"})
+
+
+class _NoInitOnMeta(TorchFunctionMode):
+    """Skips initializers and other value-only in-place ops on ``meta`` tensors, which hold no values.
+
+    Exact (a meta tensor is the same before and after them) and it matters: most meta kernels are Python
+    references whose first call imports ``torch._dynamo``, seconds that every fresh process would pay on
+    its first ``zoo.load`` (``nn.Embedding``'s ``normal_`` is one). Ops that change shapes still run.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        if isinstance(target, torch.Tensor) and target.is_meta and (
+                func in _INIT_FUNCTIONS or getattr(func, "__name__", None) in _VALUE_METHODS):
+            return target
+        return func(*args, **kwargs)
+
+
+def empty_model(cfg: ModelConfig) -> ZooModel:
+    """``ZooModel(cfg)`` on the ``meta`` device, with no initializer run: a frame for loaded weights."""
+    with torch.device("meta"), _NoInitOnMeta():
+        return ZooModel(cfg)
 
 
 def load(path: Union[str, Path], overrides: ConfigSource = None, *, device: Optional[Union[str, torch.device]] = None,
          dtype: Optional[torch.dtype] = None) -> ZooModel:
     """Rebuild a model from a checkpoint alone; ``overrides`` may change run-time settings such as
-    ``moe.backend`` (the parameters are the same on every backend)."""
+    ``moe.backend`` (the parameters are the same on every backend).
+
+    The weights are adopted from safetensors' load as they are (on CPU: private copy-on-write memory maps of
+    the files, so nothing is copied until written; a file must not be rewritten in place while the model
+    lives, which ``save`` never does); ``device`` loads them there, ``dtype`` converts after.
+    """
     from .api import check_components
 
     path = Path(path)
-    cfg, meta = checkpoint_config(path)
+    files, index_meta = _files(path)
+    headers = [read_header(f) for f in files]
+    meta = {**headers[0][1], **index_meta}
+    cfg = _config(path, meta)
     if overrides is not None:
         cfg = merge_config(cfg, overrides, where="overrides")
     check_components(cfg)
-    files, _ = _files(path)
-    headers = {f: read_header(f)[0] for f in files}
-    with torch.device("meta"):
-        model = ZooModel(cfg)
+    model = empty_model(cfg)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
-    found = {name: (tuple(e["shape"]), DTYPES[e["dtype"]]) for h in headers.values() for name, e in h.items()}
+    params = {k for k, _ in model.named_parameters()}
+    found = {name: (tuple(e["shape"]), DTYPES[e["dtype"]]) for h, _ in headers for name, e in h.items()}
     want_dtype = getattr(torch, meta.get("dtype", ""), None)
     problems = [f"missing tensor {k!r}" for k in expected if k not in found]
     problems += [f"unexpected tensor {k!r}" for k in found if k not in expected]
     for k, (shape, dt) in found.items():
         if k in expected and shape != expected[k][0]:
             problems.append(f"tensor {k!r} has shape {list(shape)}, the config needs {list(expected[k][0])}")
-        elif k in expected and want_dtype is not None and expected[k][1].is_floating_point and dt != want_dtype \
-                and k in dict(model.named_parameters()):
+        elif k in params and want_dtype is not None and expected[k][1].is_floating_point and dt != want_dtype:
             problems.append(f"tensor {k!r} is {dt}, the checkpoint says {want_dtype}")
     if problems:
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise CheckpointError(f"{path} does not match its config: " + "; ".join(problems[:5]) + more)
-    from safetensors.torch import load_file
-    target = torch.device(device) if device is not None else torch.device("cpu")
+    target = str(torch.device(device)) if device is not None else "cpu"
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(f, device=str(target)))
+        state.update(load_file(f, device=target))
     model.load_state_dict(state, assign=True)
     leftover = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if leftover:

@@ -9,8 +9,9 @@ for every other file). The repository id is ``zoo/<variant>``; its files are exa
 What ``huggingface_hub.hf_hub_download`` needs from a server, and what this one sends:
 
 - ``HEAD|GET /zoo/<variant>/resolve/<revision>/<file>``, revision ``main`` or the commit id, answered
-  with ``ETag`` (the quoted sha256 of the bytes: the cache names the blob after it), ``X-Repo-Commit``,
-  ``Content-Length``, ``Accept-Ranges: bytes``; ``*.safetensors`` files also carry ``X-Linked-Etag`` and
+  with ``ETag`` (the quoted sha256 that ``checksums.sha256`` records for the file, as the Hub sends an
+  LFS file's recorded oid: the cache names the blob after it), ``X-Repo-Commit``, ``Content-Length``,
+  ``Accept-Ranges: bytes``; ``*.safetensors`` files also carry ``X-Linked-Etag`` and
   ``X-Linked-Size`` as LFS files on the Hub do. ``Range: bytes=a-b`` gets ``206`` with ``Content-Range``,
   which is how the client resumes a download that lost its connection.
 - ``GET /api/models/zoo/<variant>[/revision/<revision>]``: ``{"id", "sha", "siblings": [{"rfilename"}]}``.
@@ -43,7 +44,6 @@ NAMESPACE = "zoo"
 CHECKSUMS = "checksums.sha256"
 HOST = "127.0.0.1"
 LFS_SUFFIXES = (".safetensors",)
-CHUNK = 1 << 16
 FILENAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*$")
 COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -55,11 +55,14 @@ class HubError(ZooError):
 
 
 def sha256_file(path: Union[str, Path]) -> str:
-    h = hashlib.sha256()
+    """The hex sha256 of a file: ``hashlib.file_digest`` (one reused buffer, the GIL released while hashing)."""
     with open(path, "rb") as f:
+        if hasattr(hashlib, "file_digest"):  # Python >= 3.11
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
-    return h.hexdigest()
+        return h.hexdigest()
 
 
 def check_filename(filename: str, where: str) -> str:
@@ -209,7 +212,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             return
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            etag = self.server.etag(path)
+            etag = self.server.etag(repo, filename, path)
             start, length, status = 0, size, 200
             wanted = self.headers.get("Range")
             if wanted:
@@ -241,13 +244,12 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     # -- output ----------------------------------------------------------------------------
     def send_body(self, f: BinaryIO, length: int, filename: str) -> None:
-        """Copy ``length`` bytes of ``f`` to the client (tests override this to drop or slow it)."""
-        while length > 0:
-            block = f.read(min(CHUNK, length))
-            if not block:
-                break
-            self.wfile.write(block)
-            length -= len(block)
+        """Send ``length`` bytes of ``f``, from its position, to the client (tests override this to drop or
+        slow it). ``socket.sendfile`` hands the copy to the kernel (``os.sendfile``: page cache to socket,
+        no Python loop), so the server costs little next to the client."""
+        self.wfile.flush()
+        if length > 0:  # socket.sendfile refuses a count of 0
+            self.connection.sendfile(f, f.tell(), length)
 
     def send_error_json(self, status: int, code: Optional[str], message: str, head: bool = False,
                         repo: Optional[Repo] = None) -> None:
@@ -296,8 +298,6 @@ class HubServer(ThreadingHTTPServer):
             raise HubError(f"invalid port {port!r}: use 0 (any free port) to 65535")
         self.root = root.resolve()
         self.quiet = quiet
-        self._etags: dict[tuple[str, int, int], str] = {}
-        self._etag_lock = threading.Lock()
         try:
             super().__init__((host, port), handler)
         except OSError as e:
@@ -322,17 +322,11 @@ class HubServer(ThreadingHTTPServer):
             return None
         return real
 
-    def etag(self, path: Path) -> str:
-        """The sha256 of a file's bytes, remembered while its size and mtime stay the same."""
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)
-        with self._etag_lock:
-            if key in self._etags:
-                return self._etags[key]
-        digest = sha256_file(path)
-        with self._etag_lock:
-            self._etags[key] = digest
-        return digest
+    def etag(self, repo: Repo, filename: str, path: Path) -> str:
+        """The sha256 ``checksums.sha256`` records for ``filename`` (the sha256 of the bytes of
+        ``checksums.sha256`` itself): no hashing of weights per request or per start. A file that no longer
+        matches its record fails the client's verification, which checks the bytes against the record anyway."""
+        return repo.files.get(filename) or sha256_file(path)
 
 
 @contextmanager
