@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 import zoo
+from common import matmul_peak
 from zoo.ffn import SwiGLU
 from zoo.moe import MoEFFN
 
@@ -41,20 +42,6 @@ def timed(fn: Callable[[], Any], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of a large square matmul in ``dtype`` (the fastest of ``repeats``): the practical peak."""
-    if dtype != torch.float32:
-        n, repeats = 512, 2  # a bf16 matmul without bf16 units runs at a few GFLOP/s
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def hf_block(family: str, E: int, k: int, H: int, F: int, renormalize: bool) -> torch.nn.Module:

@@ -8,6 +8,7 @@ projection and before RoPE: per head (one gain of size d_h shared by all heads) 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +16,8 @@ from torch import Tensor, nn
 
 import zoo
 from zoo import Attention, Init
+from zoo.linear import Linear, compute_dtype
+from zoo.attention import LayerCache, max_logit
 from zoo.errors import ConfigError
 
 
@@ -33,8 +36,29 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
+def rope_at(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos and sin ``(batch, seq, head_dim)`` at each token's own position (generation: rows count from
+    their first real token); the same fp32 products as ``rope_cos_sin``, so the values agree exactly."""
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope_at(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x`` (batch, seq, heads, d_h) by per-row tables ``(batch, seq, d_h)``."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
 class MultiHeadAttention(Attention):
-    """Causal self-attention with a fused ``qkv`` projection and an ``out`` projection."""
+    """Causal self-attention with a fused ``qkv`` projection and an ``out`` projection.
+
+    Supports the KV cache: it stores K and V after the Q/K/V norms and RoPE, ``(B, kv_heads, S, d_h)``.
+    """
+
+    supports_cache = True
 
     @dataclass
     class Options:
@@ -51,8 +75,8 @@ class MultiHeadAttention(Attention):
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
         qkv_bias = bool(options is not None and options.qkv_bias)
-        self.qkv = nn.Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
-        self.out = nn.Linear(q_dim, cfg.d_model, bias=False)
+        self.qkv = Linear(cfg.d_model, q_dim + 2 * kv_dim, bias=qkv_bias)
+        self.out = Linear(q_dim, cfg.d_model, bias=False)
         self.full_width = qkv_norm_width == "full"
         widths = dict(zip("qkv", self.split)) if self.full_width else dict.fromkeys("qkv", self.head_dim)
         self.q_norm = make_norm(widths["q"]) if "q" in qkv_norm else None
@@ -72,7 +96,8 @@ class MultiHeadAttention(Attention):
     def _qkv_norms(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         return tuple(t if norm is None else norm(t) for norm, t in ((self.q_norm, q), (self.k_norm, k), (self.v_norm, v)))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None, positions: Optional[Tensor] = None,
+                mask: Optional[Tensor] = None) -> Tensor:
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         if self.full_width:
@@ -82,17 +107,39 @@ class MultiHeadAttention(Attention):
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if not self.full_width:
             q, k, v = self._qkv_norms(q, k, v)
-        cos, sin = rope_cos_sin(T, self.head_dim, self.rope_theta, x.device, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        gqa = self.n_kv_heads != self.n_heads
-        if self.window is not None and self.window < T:
-            i = torch.arange(T, device=x.device)
-            mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        if positions is None:
+            cos, sin = rope_cos_sin(T, self.head_dim, self.rope_theta, x.device, q.dtype)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         else:
+            cos, sin = rope_at(positions, self.head_dim, self.rope_theta, q.dtype)
+            q, k = apply_rope_at(q, cos, sin), apply_rope_at(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(k, v, dim=2)
+        gqa = self.n_kv_heads != self.n_heads
+        S = k.shape[2]
+        if mask is None and S != T:  # cached, unpadded: causal aligned to the last key
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)[None]
+        allowed = None
+        if mask is not None:
+            allowed = mask[:, None]
+            if self.window is not None:
+                i = torch.arange(S - T, S, device=x.device)[:, None]
+                allowed = allowed & (torch.arange(S, device=x.device)[None, :] > i - self.window)
+        elif self.window is not None and self.window < T:
+            i = torch.arange(T, device=x.device)
+            allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
+        if self.record_max_logit:
+            seen = allowed if allowed is not None else torch.ones(T, S, dtype=torch.bool, device=x.device).tril()
+            kk = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) if gqa else k
+            self.last_max_logit = max_logit(q, kk, seen, self.head_dim ** -0.5)
+        dtype, cdt = q.dtype, compute_dtype(q)  # fp32 SDPA where this CPU lacks bf16/fp16 units
+        q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
+        if allowed is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
+        return self.out(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
 
 
 @zoo.hookimpl

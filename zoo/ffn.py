@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .init import Init
+from .linear import Linear
 
 
 class SwiGLU(nn.Module):
@@ -13,8 +14,8 @@ class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden_size: int):
         super().__init__()
         self.hidden_size = hidden_size
-        self.gate_up = nn.Linear(d_model, 2 * hidden_size, bias=False)
-        self.down = nn.Linear(hidden_size, d_model, bias=False)
+        self.gate_up = Linear(d_model, 2 * hidden_size, bias=False)
+        self.down = Linear(hidden_size, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up(x).chunk(2, dim=-1)

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from ..config import MOE_BACKENDS
 from ..errors import ZooError
 from ..init import Init
+from ..linear import compute_dtype
 from .router import Routing
 
 BACKENDS = MOE_BACKENDS
@@ -115,19 +116,6 @@ def loop_glu(x: Tensor, counts: Union[Tensor, Sequence[int]], w1_EFH: Tensor, v1
     return torch.cat(outs) if outs else x.new_zeros(0, w2_EFH.shape[-1])
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_has_native(dtype: torch.dtype) -> bool:
-    """Whether this CPU has matrix instructions for ``dtype`` (AVX512-BF16/AMX, AVX512-FP16)."""
-    try:
-        if dtype == torch.bfloat16:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        if dtype == torch.float16:
-            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
 class _FusedGLU(torch.autograd.Function):
     """Per-expert GLU with its gather, gating and scatter fused around each expert's matmuls.
 
@@ -141,7 +129,7 @@ class _FusedGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x_TH: Tensor, token_N: Tensor, weight_N: Tensor, counts: list[int],
                 w1_EFH: Tensor, v1_EFH: Tensor, w2_EFH: Tensor) -> Tensor:
-        cdt = _compute_dtype(x_TH)
+        cdt = compute_dtype(x_TH)
         N, F_ = token_N.numel(), w1_EFH.shape[1]
         out_TH = torch.zeros(x_TH.shape, dtype=cdt, device=x_TH.device)
         gate_NF = torch.empty(N, F_, dtype=cdt, device=x_TH.device)
@@ -195,12 +183,6 @@ class _FusedGLU(torch.autograd.Function):
             start += n
         dt = x_TH.dtype
         return dx_TH.to(dt), None, dweight_N, None, dw1.to(dt), dv1.to(dt), dw2.to(dt)
-
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not cpu_has_native(x.dtype):
-        return torch.float32
-    return x.dtype
 
 
 def fused_glu_dispatch(x_TH: Tensor, routing: Routing, w1_EFH: Tensor, v1_EFH: Tensor, w2_EFH: Tensor) -> Tensor:

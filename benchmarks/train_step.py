@@ -1,0 +1,154 @@
+"""Training-step benchmark: zoo models against HF transformers models with identical configs and
+weights (a Llama-, an OLMoE- and a Mixtral-shaped model, each built in transformers with a seeded
+init and imported with ``zoo convert``), forward + backward + AdamW step, in fp32 and bf16; and the
+model FLOP utilisation of a ~30M-parameter dense zoo model at sequence 512. The matmul peaks the
+utilisations refer to are measured in the same run, and the zoo and HF steps are timed round-robin.
+
+    python benchmarks/train_step.py                        # everything, writes benchmarks/results/train_step.json
+    python benchmarks/train_step.py --models llama --dtypes fp32 --repeats 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+import zoo
+from common import matmul_peak, round_robin
+from zoo.convert import from_hf
+from zoo.moe import after_optimizer_step
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+SMALL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, vocab_size=4096,
+             max_position_embeddings=1024, bos_token_id=None, eos_token_id=None, pad_token_id=None, tie_word_embeddings=False)
+MODELS: dict[str, tuple[str, dict[str, Any]]] = {  # name: (transformers config class, its arguments)
+    "llama": ("LlamaConfig", {**SMALL, "intermediate_size": 704, "num_key_value_heads": 2}),
+    "olmoe": ("OlmoeConfig", {**SMALL, "intermediate_size": 128, "num_experts": 64, "num_experts_per_tok": 8}),
+    "mixtral": ("MixtralConfig", {**SMALL, "intermediate_size": 512, "num_local_experts": 8, "num_experts_per_tok": 2}),
+}
+MFU_MODEL = dict(d_model=512, n_layers=8, n_heads=8, vocab_size=8192, max_seq_len=512, tie_embeddings=True,
+                 ffn={"type": "dense", "hidden_size": 1536})
+
+
+def hf_and_zoo(name: str, seed: int, workdir: Path) -> tuple[torch.nn.Module, zoo.ZooModel]:
+    """The same randomly initialised model in transformers (SDPA attention) and in the zoo."""
+    import transformers
+
+    cls_name, kwargs = MODELS[name]
+    config = getattr(transformers, cls_name)(**kwargs)
+    torch.manual_seed(seed)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
+    hf.save_pretrained(workdir / name)
+    model = zoo.load(from_hf(workdir / name, workdir / f"{name}-zoo"))
+    return hf.train(), model.train()
+
+
+def hf_loss(hf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(LM loss, LM loss + the model's own router loss) as a transformers training loop computes them."""
+    moe = hasattr(hf.config, "router_aux_loss_coef")
+    out = hf(input_ids=x, output_router_logits=moe) if moe else hf(input_ids=x)
+    lm = F.cross_entropy(out.logits.float().flatten(0, 1), y.flatten())
+    return lm, lm + hf.config.router_aux_loss_coef * out.aux_loss if moe else lm
+
+
+def zoo_loss(model: zoo.ZooModel, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model(x, y)
+    return out.loss, out.loss + out.aux_loss if out.aux_loss is not None else out.loss
+
+
+def step_fn(model: torch.nn.Module, loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
+            y: torch.Tensor) -> Callable[[], None]:
+    """One training step: zero grads, forward, backward, AdamW (foreach), the zoo's router update."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, x, y)[1].backward()
+        opt.step()
+        after_optimizer_step(model)
+
+    return step
+
+
+def compare(names: list[str], dtypes: list[str], repeats: int, batch: int, seq: int, peaks: dict[str, float]) -> list[dict[str, Any]]:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in names:
+            hf32, zoo32 = hf_and_zoo(name, 0, Path(tmp))
+            gen = torch.Generator().manual_seed(1)
+            tokens = torch.randint(0, MODELS[name][1]["vocab_size"], (batch, seq + 1), generator=gen)
+            x, y = tokens[:, :-1], tokens[:, 1:]
+            with torch.no_grad():
+                first = {"zoo": float(zoo_loss(zoo32, x, y)[0]), "hf": float(hf_loss(hf32, x, y)[0])}
+            train_flops = zoo.stats(zoo32.cfg, seq_len=seq).train_flops_per_token * batch * seq
+            for dname in dtypes:
+                dtype = DTYPES[dname]
+                hf, model = (hf32, zoo32) if dtype == torch.float32 else (hf32.to(dtype), zoo32.to(dtype))
+                times = round_robin({"zoo": step_fn(model, zoo_loss, x, y), "hf": step_fn(hf, hf_loss, x, y)}, repeats)
+                row = {"model": name, "dtype": dname, "batch": batch, "seq": seq, "params": sum(p.numel() for p in model.parameters()),
+                       "first_step_loss": first, "first_step_loss_diff": abs(first["zoo"] - first["hf"]),
+                       "zoo_step_ms": times["zoo"] * 1e3, "hf_step_ms": times["hf"] * 1e3,
+                       "zoo_tokens_per_s": batch * seq / times["zoo"], "hf_tokens_per_s": batch * seq / times["hf"],
+                       "speedup_vs_hf": times["hf"] / times["zoo"],
+                       "zoo_mfu": train_flops / times["zoo"] / peaks[dname], "hf_mfu": train_flops / times["hf"] / peaks[dname]}
+                rows.append(row)
+                print(f"{name:8s} {dname}: zoo {row['zoo_step_ms']:8.1f} ms ({row['zoo_tokens_per_s']:7,.0f} tok/s, "
+                      f"MFU {100 * row['zoo_mfu']:4.0f}%)  HF {row['hf_step_ms']:8.1f} ms ({row['hf_tokens_per_s']:7,.0f} tok/s, "
+                      f"MFU {100 * row['hf_mfu']:4.0f}%)  zoo/HF speed {row['speedup_vs_hf']:.2f}x  "
+                      f"first-step loss |zoo-HF| {row['first_step_loss_diff']:.1e}", flush=True)
+    return rows
+
+
+def mfu(dtypes: list[str], repeats: int, batch: int, seq: int, peaks: dict[str, float]) -> list[dict[str, Any]]:
+    """A training step of the ~30M dense zoo model: achieved FLOP/s over the measured matmul peak."""
+    rows = []
+    for dname in dtypes:
+        torch.manual_seed(0)
+        model = zoo.build("tiny-dense-prenorm", MFU_MODEL, dtype=DTYPES[dname]).train()
+        tokens = torch.randint(0, MFU_MODEL["vocab_size"], (batch, seq + 1))
+        step = step_fn(model, zoo_loss, tokens[:, :-1], tokens[:, 1:])
+        seconds = round_robin({"zoo": step}, repeats)["zoo"]
+        st = zoo.stats(model.cfg, seq_len=seq)
+        row = {"dtype": dname, "params": st.total_params, "batch": batch, "seq": seq, "step_ms": seconds * 1e3,
+               "tokens_per_s": batch * seq / seconds, "train_flops_per_token": st.train_flops_per_token,
+               "achieved_gflops": st.train_flops_per_token * batch * seq / seconds / 1e9,
+               "mfu": st.train_flops_per_token * batch * seq / seconds / peaks[dname]}
+        rows.append(row)
+        print(f"MFU {dname}: {st.total_params / 1e6:.1f}M params, batch {batch} x seq {seq}: {row['step_ms']:.0f} ms/step, "
+              f"{row['achieved_gflops']:.1f} GFLOP/s = {100 * row['mfu']:.1f}% of the {dname} matmul peak", flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per contender (median reported)")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--mfu-batch", type=int, default=4)
+    parser.add_argument("--mfu-seq", type=int, default=512)
+    parser.add_argument("--no-mfu", action="store_true", help="skip the ~30M-parameter MFU measurement")
+    parser.add_argument("--json", default="benchmarks/results/train_step.json")
+    args = parser.parse_args(argv)
+    peaks = {d: matmul_peak(DTYPES[d]) for d in args.dtypes}
+    print(f"matmul peak ({torch.get_num_threads()} threads): " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()))
+    results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                               "matmul_peak_gflops": {d: p / 1e9 for d, p in peaks.items()},
+                               "vs_hf": compare(args.models, args.dtypes, args.repeats, args.batch, args.seq, peaks)}
+    if not args.no_mfu:
+        results["mfu"] = mfu(args.dtypes, args.repeats, args.mfu_batch, args.mfu_seq, peaks)
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(results, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
