@@ -14,14 +14,17 @@ from .text import human, print_table
 
 EPILOG = """examples:
   zoo compare                                tiny dense and MoE HybridNorm vs Pre-Norm, trained side by side
+  zoo study --report docs/results.md --cards model_cards   the HybridNorm study (5 placements x dense/MoE x seeds)
   zoo train tiny-moe-hybridnorm --steps 300  train one variant (metrics in runs/NAME/metrics.jsonl)
   zoo list 'tiny-*'                          tiny variants with their parameter counts
   zoo info olmo2-1b-hybridnorm               config, total/active params, FLOPs per token
   zoo info tiny-dense-prenorm --set n_layers=8 --set norm_strategy=mixln
+  zoo generate tiny-dense-hybridnorm --pretrained --prompt 'def '   stream a continuation (KV cache)
   zoo plugins --json                         what each plugin registered, and any that failed
   zoo convert --from-hf ./Mixtral-dir --to zoo-mixtral   import a transformers checkpoint (zoo convert --help)
   zoo card tiny-moe-hybridnorm               the model card (YAML front matter + Markdown)
   zoo card --check                           are model_cards/ up to date with the configs?
+  zoo eval tiny-dense-hybridnorm --pretrained  loss, perplexity, bits per byte on held-out stdlib source
 
 Plugins load from the 'zoo' entry-point group; ZOO_PLUGINS / ZOO_DISABLE_PLUGINS take
 comma-separated patterns of plugin names to allow / block (ZOO_DISABLE_PLUGINS=broken-plugin).
@@ -58,6 +61,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"parameters: {st.total_params:,} total ({human(st.total_params)}), {st.active_params:,} active ({human(st.active_params)})")
     print(f"FLOPs per token at seq {st.seq_len}: {st.flops_per_token:,} forward ({human(st.flops_per_token)}), "
           f"{human(st.train_flops_per_token)} per token per training step")
+    print(f"KV cache per token: {st.kv_cache_bytes_per_token:,} bytes at fp32, {st.kv_cache_bytes_per_token_bf16:,} at bf16 "
+          f"({cfg.n_layers} layers x {cfg.kv_heads} KV heads x head size {cfg.head_size}, K and V)")
     return 0
 
 
@@ -107,7 +112,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
     from .train import TrainConfig
     tc = TrainConfig(**defaults)
-    for key in ("steps", "batch_size", "seq_len", "lr", "seed", "data", "eval_every", "checkpoint_every"):
+    for key in ("steps", "batch_size", "seq_len", "lr", "seed", "data", "tokenizer", "eval_every", "checkpoint_every"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(tc, key, value)
@@ -147,9 +152,43 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+    from .study import StudyConfig, run_study
+    from .study_report import write_report
+    sc = StudyConfig()
+    main = replace(sc.main, **{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
+                                                  ("seq_len", args.seq_len), ("data", args.data)) if v is not None})
+    main.eval_every = min(main.eval_every, main.steps)
+    main.checkpoint_every = main.steps
+    depth = None
+    if not args.no_depth:
+        depth = replace(sc.depth, **{k: v for k, v in (("steps", args.depth_steps), ("lr", args.depth_lr),
+                                                        ("data", args.data)) if v is not None})
+        depth.eval_every = min(depth.eval_every, depth.steps)
+        depth.checkpoint_every = depth.steps
+    sc = replace(sc, strategies=tuple(args.strategies or sc.strategies), kinds=tuple(args.kinds or sc.kinds),
+                 seeds=tuple(args.seeds if args.seeds is not None else sc.seeds), main=main, depth=depth,
+                 depth_seeds=tuple(args.depth_seeds if args.depth_seeds is not None else sc.depth_seeds))
+    out = Path(args.out)
+    report = Path(args.report) if args.report else out / "results.md"
+    results = run_study(sc, out, jobs=args.jobs)
+    data = write_report(sc, results, out, report, Path(args.cards) if args.cards else None,
+                        "zoo " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"] else "zoo study")
+    diverged = sum(r["diverged"] for r in data["runs"])
+    print(f"{len(data['runs'])} runs ({diverged} diverged); report: {report} (plots in {report.parent / report.stem}/), "
+          f"numbers: {out / 'study.json'}" + (f"; card results: {len(data.get('cards', []))} files in {args.cards}/results/"
+                                              f" (render with `zoo card --all --write`)" if args.cards else ""))
+    return 0
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override, repeatable")
-    p.add_argument("--data", default=None, help="'stdlib' (default: this Python's standard library source), a text file or a folder")
+    p.add_argument("--data", default=None, metavar="SPEC", help="'stdlib' (default: this Python's standard library "
+                   "source), a text file, a folder of text files, or hf:PATH_OR_ID[#CONFIG][:SPLIT][@COLUMN] (an HF "
+                   "dataset: a save_to_disk folder, a folder or file of jsonl/parquet/csv, or a hub id; needs datasets)")
+    p.add_argument("--tokenizer", default=None, metavar="SPEC", help="'byte' (default) or 'bpe:VOCAB', a byte-level "
+                   "BPE trained on the train split (cached; needs tokenizers and --set vocab_size>=VOCAB)")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=None, help="sequences per step (global batch)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence")
@@ -199,6 +238,90 @@ def cmd_pull(args: argparse.Namespace) -> int:
     from .hub import pull
     print(pull(args.name, endpoint=args.endpoint, revision=args.revision, index=args.index))
     return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import zoo
+    from .generate import check_sampling, stream
+    from .tokenizer import tokenizer_for
+    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    path = Path(args.source).expanduser()
+    if path.exists() or args.source.endswith((".safetensors", ".json")) or os.sep in args.source:
+        if args.pretrained:
+            raise ZooError("--pretrained applies to a variant NAME; a checkpoint path is loaded as it is")
+        model, tok_source = zoo.load(path), path
+    elif args.pretrained:
+        from .hub import pull
+        snapshot = pull(args.source)
+        index = snapshot / "model.safetensors.index.json"
+        ckpt = index if index.exists() and not (snapshot / "model.safetensors").exists() else snapshot / "model.safetensors"
+        model, tok_source = zoo.load(ckpt), ckpt
+    else:
+        torch.manual_seed(args.seed if args.seed is not None else 0)
+        model, tok_source = zoo.build(args.source), None
+        print(f"zoo: note: {args.source} is freshly initialized (untrained), so expect noise; pass --pretrained for "
+              "its published weights, or a checkpoint path", file=sys.stderr)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    tok = tokenizer_for(tok_source, model.cfg.vocab_size)
+    ids = tok.encode(args.prompt) or [tok.eos_id]
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    new: list[int] = []
+    shown = ""
+    for token in stream(model, torch.tensor([ids]), args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id):
+        if int(token[0]) == tok.eos_id:
+            break
+        new.append(int(token[0]))
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    text = tok.decode(new)
+    sys.stdout.write(text[len(shown):] + "\n")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_corpus
+    from .evaluate import evaluate, load_model, model_tokenizer, write_card_results
+    corpus = load_corpus(args.data)
+    loaded = load_model(args.source, pretrained=args.pretrained, device="cuda" if _cuda() else None)
+    if loaded.fresh:
+        print(f"zoo: note: {args.source} is freshly initialized (untrained); pass --pretrained for its published "
+              "weights, or a checkpoint path", file=sys.stderr)
+    card_name = None
+    if args.write_card is not None:
+        card_name = loaded.variant
+        if not card_name:
+            raise ZooError(f"--write-card: {args.source} does not record its variant name, so there is no card to write to")
+    result = evaluate(loaded.model, corpus, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                      progress=sys.stderr.isatty(), tokenizer=model_tokenizer(loaded))
+    report = {"model": args.source, "variant": loaded.variant, "weights": loaded.weights, **result.to_dict()}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"model          {args.source}\n"
+              f"weights        {loaded.weights}\n"
+              f"data           {result.data}, {result.split} split\n"
+              f"loss           {result.loss:.4f} nats/token\n"
+              f"perplexity     {result.perplexity:.2f}\n"
+              f"bits per byte  {result.bits_per_byte:.4f}\n"
+              f"tokens         {result.tokens:,} in {result.windows:,} windows of at most {result.seq_len}\n"
+              f"seconds        {result.seconds:.1f} ({result.tokens_per_s:,.0f} tokens/s)")
+    if card_name is not None:
+        path = write_card_results(card_name, result, args.write_card, loaded.weights)
+        print(f"wrote {path}; render the card with `zoo card {card_name} --write --dir {args.write_card}`", file=sys.stderr)
+    return 0
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,6 +403,59 @@ def build_parser() -> argparse.ArgumentParser:
                    "index pins, else main)")
     p.add_argument("--index", metavar="FILE", default=None, help="zoo index to verify against (default: the shipped one; "
                    "variants it lacks are verified against the served checksums.sha256)")
+
+    p = add("study", cmd_study, "The HybridNorm study at CPU scale: Pre-Norm, Post-Norm, Mix-LN, HybridNorm and "
+            "HybridNorm*, dense and MoE, over seeds, plus a deep narrow stress test; writes a Markdown report with "
+            "plots (loss, per-layer FFN gradient norms, attention logits) and, with --cards, the model cards' results.")
+    p.add_argument("--strategies", nargs="+", metavar="NAME", help="norm strategies (default: prenorm postnorm mixln "
+                   "hybridnorm hybridnorm-star); each trains as tiny-KIND-NAME")
+    p.add_argument("--kinds", nargs="+", choices=["dense", "moe"], help="model kinds (default: dense moe)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds of the main grid (default: 0 1 2)")
+    p.add_argument("--steps", type=int, default=None, help="steps per main-grid run (default: 200)")
+    p.add_argument("--lr", type=float, default=None, help="main-grid peak learning rate (default: 3e-3)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 8)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 256)")
+    p.add_argument("--data", default=None, help="data spec, as for zoo train (default: stdlib)")
+    p.add_argument("--no-depth", action="store_true", help="skip the depth stress test")
+    p.add_argument("--depth-steps", type=int, default=None, help="steps per depth-stress run (default: 150)")
+    p.add_argument("--depth-lr", type=float, default=None, help="depth-stress peak learning rate (default: 1e-2)")
+    p.add_argument("--depth-seeds", nargs="+", type=int, metavar="S", help="depth-stress seeds (default: 0 1)")
+    p.add_argument("--jobs", type=int, default=1, help="trainings side by side, each on cores/JOBS threads (default: 1)")
+    p.add_argument("--out", default="runs/study", help="run folders and study.json (default: runs/study); finished "
+                   "runs found here are reused")
+    p.add_argument("--report", default=None, help="Markdown report; plots go to a folder of the same stem beside it "
+                   "(default: OUT/results.md; the zoo's own is docs/results.md)")
+    p.add_argument("--cards", metavar="DIR", default=None, help="write each main-grid variant's measured numbers to "
+                   "DIR/results/NAME.json (the zoo's own: model_cards)")
+
+    p = add("generate", cmd_generate, "Generate text from a variant or checkpoint with a KV cache, streaming tokens "
+            "as they come: greedy by default, or sampled with --temperature, --top-k, --top-p.")
+    p.add_argument("source", metavar="NAME|CHECKPOINT", help="a variant name (freshly initialized unless --pretrained) "
+                   "or a zoo checkpoint (*.safetensors, its .index.json, or a path)")
+    p.add_argument("--prompt", required=True, help="the text to continue (empty: start a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); above 0 samples")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K most likely tokens")
+    p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens whose "
+                   "probability reaches P, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="seed of the sampling (and of a fresh variant's init)")
+    p.add_argument("--pretrained", action="store_true", help="pull the variant's published weights (zoo pull)")
+
+    p = add("eval", cmd_eval, "Evaluate a variant or checkpoint on held-out text: loss (nats/token), perplexity and bits "
+            "per byte over the whole validation split, every token predicted once (deterministic).")
+    p.add_argument("source", metavar="NAME|CHECKPOINT", help="a variant name (freshly initialized unless --pretrained) "
+                   "or a zoo checkpoint (*.safetensors, its .index.json, or a folder holding one)")
+    p.add_argument("--data", default="stdlib", help="a data spec as for zoo train: 'stdlib' (default: this Python's "
+                   "standard library source), a text file, a folder, or hf:...; its validation split is evaluated")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
+    p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the split "
+                   "(default: all of it)")
+    p.add_argument("--pretrained", action="store_true", help="pull the variant's published weights (zoo pull)")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.add_argument("--write-card", nargs="?", const="model_cards", default=None, metavar="DIR",
+                   help="merge the results as \"eval\" into DIR/results/NAME.json (default DIR: model_cards); then "
+                   "render the card with `zoo card NAME --write`")
 
     p = add("plugins", cmd_plugins, "List plugins: name, where each came from, what it registered, and failures.")
     p.add_argument("--json", action="store_true", help="print JSON")

@@ -26,20 +26,30 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_variant(name: str, tc: TrainConfig, out: Path, overrides: list[str]) -> dict[str, Any]:
+def train_command(name: str, tc: TrainConfig, out: Path, overrides: list[str]) -> list[str]:
+    """The ``zoo train`` command line that trains ``name`` with ``tc`` into ``out``."""
     cmd = [sys.executable, "-m", "zoo", "train", name, "--out", str(out), "--steps", str(tc.steps), "--batch-size",
            str(tc.batch_size), "--seq-len", str(tc.seq_len), "--lr", str(tc.lr), "--seed", str(tc.seed), "--data", tc.data,
-           "--eval-every", str(tc.eval_every), "--warmup", str(tc.warmup_steps)]
+           "--tokenizer", tc.tokenizer, "--eval-every", str(tc.eval_every), "--warmup", str(tc.warmup_steps)]
     for item in overrides:
         cmd += ["--set", item]
-    proc = subprocess.run(cmd, stdout=subprocess.DEVNULL)  # its progress bar and errors go to our stderr
-    diverged = proc.returncode == DIVERGED_EXIT
-    if proc.returncode not in (0, DIVERGED_EXIT):
-        raise ZooError(f"training {name} failed (exit {proc.returncode}); see its error above")
+    return cmd
+
+
+def read_run(name: str, out: Path, returncode: int, where: str = "see its error above") -> dict[str, Any]:
+    """A finished run's metrics and summary; exit 3 (divergence) is a result, other failures raise."""
+    diverged = returncode == DIVERGED_EXIT
+    if returncode not in (0, DIVERGED_EXIT):
+        raise ZooError(f"training {name} failed (exit {returncode}); {where}")
     summary_path = out / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     return {"metrics": _read_metrics(out / "metrics.jsonl") if (out / "metrics.jsonl").exists() else [],
             "summary": summary, "diverged": diverged}
+
+
+def run_variant(name: str, tc: TrainConfig, out: Path, overrides: list[str]) -> dict[str, Any]:
+    proc = subprocess.run(train_command(name, tc, out, overrides), stdout=subprocess.DEVNULL)  # progress and errors on our stderr
+    return read_run(name, out, proc.returncode)
 
 
 def compare(names: Optional[list[str]] = None, tc: Optional[TrainConfig] = None, out_dir: str = "runs/compare",

@@ -53,6 +53,7 @@ class TrainConfig:
     autocast_bf16: Optional[bool] = None  # None: on CUDA only (bf16 matmuls are slow on CPUs without bf16 units)
     divergence_factor: float = 3.0        # loss above factor x its running mean (after warmup) is divergence
     data: str = "stdlib"
+    tokenizer: str = "byte"               # or "bpe:VOCAB" (zoo.data): a BPE trained on the train split, cached
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -181,6 +182,19 @@ def _blowup_layer(model: ZooModel) -> str:
     return where
 
 
+def _max_attn_logits(values: list[Optional[torch.Tensor]]) -> list[Optional[float]]:
+    """Per layer, the largest pre-softmax attention logit of the step (max over ranks); None for an
+    attention that does not record it (``Attention.record_max_logit``, zoo/attention.py)."""
+    found = [v.detach().float().reshape(()) for v in values if v is not None]
+    if not found:
+        return [None] * len(values)
+    both = torch.stack(found)
+    if _world()[1] > 1:
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    got = iter(both.tolist())
+    return [next(got) if v is not None else None for v in values]
+
+
 def evaluate(model: ZooModel, corpus: Corpus, tc: TrainConfig, step: int) -> float:
     model.eval()
     losses = []
@@ -209,9 +223,10 @@ def train(model_source: Union[str, ModelConfig], overrides: ConfigSource = None,
     cfg = zoo.get_config(model_source, overrides)
     if tc.seq_len > cfg.max_seq_len:
         raise ZooError(f"seq_len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
-    corpus = corpus or load_corpus(tc.data)
+    corpus = corpus or load_corpus(tc.data, tokenizer=tc.tokenizer, progress=progress and rank == 0)
     if corpus.vocab_size > cfg.vocab_size:
-        raise ZooError(f"the tokenizer has {corpus.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
+        raise ZooError(f"the tokenizer ({corpus.tokenizer_spec}) has {corpus.vocab_size} tokens but the model's vocab_size "
+                       f"is {cfg.vocab_size}; add --set vocab_size={corpus.vocab_size} (or more)")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(tc.seed)
     model = zoo.build(cfg, device=device)
@@ -232,6 +247,9 @@ def train(model_source: Union[str, ModelConfig], overrides: ConfigSource = None,
         metrics_path.write_text("")
         (out / "config.yaml").write_text(cfg.to_yaml())
         (out / "train.json").write_text(json.dumps(asdict(tc), indent=2))
+    if rank == 0:  # tokenizer_for(checkpoint) finds it beside the weights
+        for folder in (out, out / "checkpoint"):
+            corpus.save_tokenizer(folder)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
     autocast = tc.autocast_bf16 if tc.autocast_bf16 is not None else device.type == "cuda"
     train_flops = model_stats(cfg, tc.seq_len).train_flops_per_token
@@ -239,6 +257,8 @@ def train(model_source: Union[str, ModelConfig], overrides: ConfigSource = None,
     rms: list[float] = []
     hooks = [b.register_forward_hook(lambda m, i, o: rms.append(float(o[0].detach().float().square().mean().sqrt())))
              for b in model.blocks]
+    for b in model.blocks:
+        b.attn.record_max_logit = True
     bar = None
     if progress and rank == 0:
         from tqdm import tqdm
@@ -259,6 +279,7 @@ def train(model_source: Union[str, ModelConfig], overrides: ConfigSource = None,
             rms.clear()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 output = (ddp or model)(x, y)
+            step_logits = [getattr(b.attn, "last_max_logit", None) for b in model.blocks]
             loss = output.loss + (output.aux_loss if output.aux_loss is not None else 0.0)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -289,6 +310,7 @@ def train(model_source: Union[str, ModelConfig], overrides: ConfigSource = None,
                 "step": step, "loss": lm_loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
                 "wall": state.wall, "tokens_per_s": tps, "ffn_grad_norms": _ffn_grad_norms(model),
                 "residual_rms": rms[: len(model.blocks)],
+                "max_attn_logit": _max_attn_logits(step_logits),
             }
             if output.aux_loss is not None:
                 record["aux_loss"] = float(output.aux_loss)
