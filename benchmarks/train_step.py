@@ -63,13 +63,14 @@ def zoo_loss(model: zoo.ZooModel, x: torch.Tensor, y: torch.Tensor) -> tuple[tor
 
 
 def step_fn(model: torch.nn.Module, loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor]], x: torch.Tensor,
-            y: torch.Tensor) -> Callable[[], None]:
+            y: torch.Tensor, compiled: bool = False) -> Callable[[], None]:
     """One training step: zero grads, forward, backward, AdamW (foreach), the zoo's router update."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, foreach=True)
+    forward = torch.compile(model) if compiled else model
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss_fn(model, x, y)[1].backward()
+        loss_fn(forward, x, y)[1].backward()
         opt.step()
         after_optimizer_step(model)
 
@@ -105,23 +106,29 @@ def compare(names: list[str], dtypes: list[str], repeats: int, batch: int, seq: 
     return rows
 
 
-def mfu(dtypes: list[str], repeats: int, batch: int, seq: int, peaks: dict[str, float]) -> list[dict[str, Any]]:
-    """A training step of the ~30M dense zoo model: achieved FLOP/s over the measured matmul peak."""
+def mfu(dtypes: list[str], repeats: int, batch: int, seq: int, peaks: dict[str, float],
+        compiled: bool = False) -> list[dict[str, Any]]:
+    """A training step of the ~30M dense zoo model: achieved FLOP/s over the measured matmul peaks
+    (for bf16 also over the fp32 peak: on CPUs without bf16 units the zoo computes bf16 in fp32)."""
     rows = []
     for dname in dtypes:
-        torch.manual_seed(0)
-        model = zoo.build("tiny-dense-prenorm", MFU_MODEL, dtype=DTYPES[dname]).train()
-        tokens = torch.randint(0, MFU_MODEL["vocab_size"], (batch, seq + 1))
-        step = step_fn(model, zoo_loss, tokens[:, :-1], tokens[:, 1:])
-        seconds = round_robin({"zoo": step}, repeats)["zoo"]
-        st = zoo.stats(model.cfg, seq_len=seq)
-        row = {"dtype": dname, "params": st.total_params, "batch": batch, "seq": seq, "step_ms": seconds * 1e3,
-               "tokens_per_s": batch * seq / seconds, "train_flops_per_token": st.train_flops_per_token,
-               "achieved_gflops": st.train_flops_per_token * batch * seq / seconds / 1e9,
-               "mfu": st.train_flops_per_token * batch * seq / seconds / peaks[dname]}
-        rows.append(row)
-        print(f"MFU {dname}: {st.total_params / 1e6:.1f}M params, batch {batch} x seq {seq}: {row['step_ms']:.0f} ms/step, "
-              f"{row['achieved_gflops']:.1f} GFLOP/s = {100 * row['mfu']:.1f}% of the {dname} matmul peak", flush=True)
+        for mode in ("eager", "compiled") if compiled else ("eager",):
+            torch.manual_seed(0)
+            model = zoo.build("tiny-dense-prenorm", MFU_MODEL, dtype=DTYPES[dname]).train()
+            tokens = torch.randint(0, MFU_MODEL["vocab_size"], (batch, seq + 1))
+            step = step_fn(model, zoo_loss, tokens[:, :-1], tokens[:, 1:], compiled=mode == "compiled")
+            seconds = round_robin({"zoo": step}, repeats, warmups=2 if mode == "compiled" else 1)["zoo"]
+            st = zoo.stats(model.cfg, seq_len=seq)
+            achieved = st.train_flops_per_token * batch * seq / seconds
+            row = {"dtype": dname, "mode": mode, "params": st.total_params, "batch": batch, "seq": seq,
+                   "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds,
+                   "train_flops_per_token": st.train_flops_per_token, "achieved_gflops": achieved / 1e9,
+                   "mfu": achieved / peaks[dname], "mfu_of_fp32_peak": achieved / peaks["fp32"] if "fp32" in peaks else None}
+            rows.append(row)
+            print(f"MFU {dname} {mode}: {st.total_params / 1e6:.1f}M params, batch {batch} x seq {seq}: "
+                  f"{row['step_ms']:.0f} ms/step, {achieved / 1e9:.1f} GFLOP/s = {100 * row['mfu']:.1f}% of the {dname} "
+                  f"matmul peak" + (f" ({100 * row['mfu_of_fp32_peak']:.1f}% of the fp32 peak)" if dname != "fp32" and
+                                    row["mfu_of_fp32_peak"] else ""), flush=True)
     return rows
 
 
@@ -135,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mfu-batch", type=int, default=4)
     parser.add_argument("--mfu-seq", type=int, default=512)
     parser.add_argument("--no-mfu", action="store_true", help="skip the ~30M-parameter MFU measurement")
+    parser.add_argument("--compile", action="store_true", help="also time the MFU model under torch.compile (compiling "
+                        "takes minutes on 2 cores)")
     parser.add_argument("--json", default="benchmarks/results/train_step.json")
     args = parser.parse_args(argv)
     peaks = {d: matmul_peak(DTYPES[d]) for d in args.dtypes}
@@ -143,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                                "matmul_peak_gflops": {d: p / 1e9 for d, p in peaks.items()},
                                "vs_hf": compare(args.models, args.dtypes, args.repeats, args.batch, args.seq, peaks)}
     if not args.no_mfu:
-        results["mfu"] = mfu(args.dtypes, args.repeats, args.mfu_batch, args.mfu_seq, peaks)
+        results["mfu"] = mfu(args.dtypes, args.repeats, args.mfu_batch, args.mfu_seq, peaks, args.compile)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")

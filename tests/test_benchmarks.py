@@ -52,3 +52,37 @@ def test_checkpoint_io_benchmark_runs_and_loads_the_saved_weights(tmp_path):
         assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     raw = load_file(work / "model.safetensors")
     assert all(torch.equal(raw[k], saved[k]) for k in saved)
+
+
+def test_train_step_benchmark_runs_identical_models(tmp_path):
+    out = tmp_path / "train.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--models", "llama", "mixtral",
+                        "--dtypes", "fp32", "--repeats", "1", "--batch", "1", "--seq", "16", "--mfu-batch", "1",
+                        "--mfu-seq", "16", "--json", str(out)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(out.read_text())
+    assert [row["model"] for row in result["vs_hf"]] == ["llama", "mixtral"]
+    for row in result["vs_hf"]:
+        assert row["first_step_loss_diff"] < 1e-4  # same weights: same loss
+        assert row["zoo_step_ms"] > 0 and row["hf_step_ms"] > 0 and row["speedup_vs_hf"] > 0
+    (mfu,) = result["mfu"]
+    assert 25e6 < mfu["params"] < 35e6 and mfu["mfu"] > 0
+    assert result["matmul_peak_gflops"]["fp32"] > 0
+
+
+def test_run_all_reads_goals_from_measurements():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from run_all import goals
+    finally:
+        sys.path.pop(0)
+    train = {"vs_hf": [{"model": "olmoe", "dtype": "fp32", "speedup_vs_hf": 1.19, "first_step_loss_diff": 2e-4},
+                       {"model": "llama", "dtype": "bf16", "speedup_vs_hf": 1.0}],
+             "mfu": [{"dtype": "fp32", "seq": 512, "mfu": 0.66}]}
+    io = {"ratios": {"load_vs_read": 1.5, "load_vs_torch_load": 1.0, "pull_vs_copy": 1.9}}
+    got = {label: met for label, _, _, met in goals(train, io)}
+    assert got == {
+        "olmoe fp32 training step vs HF >= 1.2x": False, "olmoe fp32 first-step loss |zoo - HF| <= 1e-4": False,
+        "llama bf16 training step vs HF >= 1.0x": True, "~30M dense fp32 training-step MFU >= 65% (seq 512, eager)": True,
+        "zoo.load / reading the file's bytes <= 1.5": True, "zoo.load / torch.load < 1": False,
+        "pull from zoo serve / file copy <= 2": True}

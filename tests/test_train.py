@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from zoo.train import TrainConfig, train
+
 SMALL = ["--set", "d_model=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "ffn.hidden_size=128",
          "--steps", "12", "--batch-size", "4", "--seq-len", "32", "--eval-every", "100", "--warmup", "2", "--seed", "3"]
 
@@ -107,3 +109,17 @@ def test_compare_writes_table_report_and_plots(tmp_path, data):
     assert "| tiny-moe-prenorm |" in (out / "report.md").read_text()
     for png in ("loss_vs_tokens.png", "loss_vs_time.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.slow
+def test_compiled_training_follows_eager(tmp_path):
+    """``--compile`` (inductor, minutes the first time on 2 cores) gives the eager run's losses and metrics."""
+    runs = {}
+    for compiled in (False, True):
+        tc = TrainConfig(steps=3, batch_size=2, seq_len=64, eval_every=3, compile=compiled)
+        train("tiny-dense-hybridnorm", ["n_layers=2"], tc, out_dir=tmp_path / str(compiled), progress=False)
+        runs[compiled] = [json.loads(line) for line in (tmp_path / str(compiled) / "metrics.jsonl").read_text().splitlines()]
+    for eager, compiled in zip(runs[False], runs[True]):
+        assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-4)
+        assert compiled["residual_rms"] == pytest.approx(eager["residual_rms"], abs=1e-4)
+        assert compiled["max_attn_logit"] == pytest.approx(eager["max_attn_logit"], abs=1e-4)

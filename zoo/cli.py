@@ -112,7 +112,7 @@ def cmd_card(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
     from .train import TrainConfig
     tc = TrainConfig(**defaults)
-    for key in ("steps", "batch_size", "seq_len", "lr", "seed", "data", "tokenizer", "eval_every", "checkpoint_every"):
+    for key in ("steps", "batch_size", "seq_len", "lr", "seed", "data", "tokenizer", "eval_every", "checkpoint_every", "compile"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(tc, key, value)
@@ -197,6 +197,8 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=None, help="validation loss every N steps")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
     p.add_argument("--seed", type=int, default=None, help="seed of the init and of the data order")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training forward "
+                   "(inductor; the first steps take longer while it compiles)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:

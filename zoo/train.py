@@ -54,6 +54,7 @@ class TrainConfig:
     divergence_factor: float = 3.0        # loss above factor x its running mean (after warmup) is divergence
     data: str = "stdlib"
     tokenizer: str = "byte"               # or "bpe:VOCAB" (zoo.data): a BPE trained on the train split, cached
+    compile: bool = False                 # torch.compile the training forward (inductor); the first steps compile
 
 
 def lr_at(step: int, tc: TrainConfig) -> float:
@@ -251,11 +252,12 @@ def train(model_source: Union[str, ModelConfig], overrides: ConfigSource = None,
         for folder in (out, out / "checkpoint"):
             corpus.save_tokenizer(folder)
     ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else None
+    forward = torch.compile(ddp or model) if tc.compile else (ddp or model)
     autocast = tc.autocast_bf16 if tc.autocast_bf16 is not None else device.type == "cuda"
     train_flops = model_stats(cfg, tc.seq_len).train_flops_per_token
     peak = matmul_peak() if device.type == "cpu" else None
-    rms: list[float] = []
-    hooks = [b.register_forward_hook(lambda m, i, o: rms.append(float(o[0].detach().float().square().mean().sqrt())))
+    rms: list[torch.Tensor] = []  # tensors, read after the step: no host sync (or graph break) inside the forward
+    hooks = [b.register_forward_hook(lambda m, i, o: rms.append(o[0].detach().float().square().mean().sqrt()))
              for b in model.blocks]
     for b in model.blocks:
         b.attn.record_max_logit = True
@@ -278,7 +280,7 @@ def train(model_source: Union[str, ModelConfig], overrides: ConfigSource = None,
             t0 = time.perf_counter()
             rms.clear()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                output = (ddp or model)(x, y)
+                output = forward(x, y)
             step_logits = [getattr(b.attn, "last_max_logit", None) for b in model.blocks]
             loss = output.loss + (output.aux_loss if output.aux_loss is not None else 0.0)
             opt.zero_grad(set_to_none=True)
@@ -309,7 +311,7 @@ def train(model_source: Union[str, ModelConfig], overrides: ConfigSource = None,
             record: dict[str, Any] = {
                 "step": step, "loss": lm_loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
                 "wall": state.wall, "tokens_per_s": tps, "ffn_grad_norms": _ffn_grad_norms(model),
-                "residual_rms": rms[: len(model.blocks)],
+                "residual_rms": [float(r) for r in rms[: len(model.blocks)]],
                 "max_attn_logit": _max_attn_logits(step_logits),
             }
             if output.aux_loss is not None:
