@@ -218,3 +218,23 @@ def test_cli_write_card_needs_a_variant_name(capsys, tmp_path, text_folder, mode
         pytest.skip("checkpoints record a variant name without being given one")
     code, _, err = run_cli(capsys, str(ckpt), "--data", str(text_folder), "--write-card", str(tmp_path / "cards"))
     assert code == 2 and "does not record its variant name" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny-dense-hybridnorm", "tiny-moe-hybridnorm"])
+def test_published_checkpoint_reproduces_its_card(name, tmp_path):
+    """`zoo eval NAME --pretrained` on the embedded hub gives the loss its model card states (whole split)."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    card = json.loads((root / "model_cards" / "results" / f"{name}.json").read_text())["eval"]
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}  # a cold pull from the embedded hub
+    r = subprocess.run([sys.executable, "-m", "zoo", "eval", name, "--pretrained", "--json"], capture_output=True,
+                       text=True, timeout=1200, env=env)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["tokens"] == card["tokens"]
+    assert got["loss"] == pytest.approx(card["loss"], abs=1e-4)
+    assert got["bits_per_byte"] == pytest.approx(card["bits_per_byte"], abs=1e-4)

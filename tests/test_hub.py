@@ -463,7 +463,9 @@ def test_embedded_hub_matches_the_index_and_fits_the_budget():
             assert hashlib.sha256((root / name / filename).read_bytes()).hexdigest() == digest
         total += (root / name / "model.safetensors").stat().st_size
         card = (root / name / "README.md").read_text()
-        assert "**untrained**" in card and f"# {name}" in card
+        measured = json.loads((Path(__file__).resolve().parents[1] / "model_cards" / "results" / f"{name}.json").read_text())
+        assert f"# {name}" in card and "trained by the zoo's recipe" in card  # the study's seed-0 checkpoints
+        assert f"value: {round(measured['eval']['loss'], 4)}" in card and f"value: {measured['val_loss']}" in card
     assert total <= 25 * 1024 * 1024
 
 
@@ -478,3 +480,25 @@ def test_embedded_hub_needs_no_endpoint(hf_home):
     assert all(torch.equal(want[k], v) for k, v in model.state_dict().items())
     with pytest.raises(hub.HubError, match=r"zoo/tiny-dense-mixln is not in the zoo's embedded hub \(it holds: "):
         hub.pull("tiny-dense-mixln")
+
+
+def test_publish_puts_a_checkpoints_results_on_its_card(tmp_path):
+    model = zoo.build("tiny-dense-prenorm", ["n_layers=1"])
+    ckpt = zoo.save(model, tmp_path / "model.safetensors", variant="tiny-dense-prenorm")
+    results = {"val_loss": 1.2345, "recipe": "a test recipe", "eval": {"loss": 1.5, "data": "stdlib", "split": "val"}}
+    r = subprocess.run([sys.executable, "-m", "zoo", "publish", str(ckpt), "--to", str(tmp_path / "hub"), "--results",
+                        str(_write(tmp_path / "r.json", results))], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    card = (tmp_path / "hub" / "tiny-dense-prenorm" / "README.md").read_text()
+    assert "trained by the zoo's recipe: a test recipe" in card and "| val_loss | 1.2345 |" in card
+    assert "value: 1.5" in card  # the eval loss in the model-index
+    fresh = hub.publish("tiny-dense-prenorm", tmp_path / "hub2", results=results)  # untrained: no numbers
+    assert "1.2345" not in (fresh / "README.md").read_text()
+    bad = subprocess.run([sys.executable, "-m", "zoo", "publish", str(ckpt), "--to", str(tmp_path / "hub"), "--results",
+                          str(tmp_path / "missing.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith(f"zoo: error: --results {tmp_path / 'missing.json'}: cannot read")
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path

@@ -60,12 +60,13 @@ def test_study_rejects_an_unknown_strategy_before_training(tmp_path):
 
 
 def test_plan_covers_the_grid_and_the_depth_test():
-    sc = StudyConfig(strategies=("prenorm", "hybridnorm"), seeds=(0, 1), depth_seeds=(3,))
+    sc = StudyConfig(strategies=("prenorm", "hybridnorm"), seeds=(0, 1), depth_seeds=(3,), depth_lrs=(1e-2, 3e-3))
     runs = plan(sc)
     main = [r for r in runs if r.group == "main"]
-    depth = [r for r in runs if r.group == "depth"]
-    assert len(main) == 2 * 2 * 2 and len(depth) == 2
+    depth = [r for r in runs if r.group != "main"]
+    assert len(main) == 2 * 2 * 2 and len(depth) == 2 * 2
     assert {r.tc.seed for r in main} == {0, 1} and {r.tc.seed for r in depth} == {3}
+    assert {r.group: r.tc.lr for r in depth} == {"depth-lr0.01": 1e-2, "depth-lr0.003": 3e-3}
     assert all("n_layers=24" in r.overrides for r in depth)
     assert len({r.folder for r in runs}) == len(runs)
 

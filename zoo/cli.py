@@ -163,13 +163,13 @@ def cmd_study(args: argparse.Namespace) -> int:
     main.checkpoint_every = main.steps
     depth = None
     if not args.no_depth:
-        depth = replace(sc.depth, **{k: v for k, v in (("steps", args.depth_steps), ("lr", args.depth_lr),
-                                                        ("data", args.data)) if v is not None})
+        depth = replace(sc.depth, **{k: v for k, v in (("steps", args.depth_steps), ("data", args.data)) if v is not None})
         depth.eval_every = min(depth.eval_every, depth.steps)
         depth.checkpoint_every = depth.steps
     sc = replace(sc, strategies=tuple(args.strategies or sc.strategies), kinds=tuple(args.kinds or sc.kinds),
                  seeds=tuple(args.seeds if args.seeds is not None else sc.seeds), main=main, depth=depth,
-                 depth_seeds=tuple(args.depth_seeds if args.depth_seeds is not None else sc.depth_seeds))
+                 depth_seeds=tuple(args.depth_seeds if args.depth_seeds is not None else sc.depth_seeds),
+                 depth_lrs=tuple(args.depth_lr or sc.depth_lrs))
     out = Path(args.out)
     report = Path(args.report) if args.report else out / "results.md"
     results = run_study(sc, out, jobs=args.jobs)
@@ -220,7 +220,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     from .hub import publish
-    folder = publish(args.source, args.to, index=args.index, name=args.name, seed=args.seed)
+    results = None
+    if args.results:
+        try:
+            results = json.loads(Path(args.results).read_text())
+        except (OSError, ValueError) as e:
+            raise ZooError(f"--results {args.results}: cannot read it as JSON ({e})") from None
+    folder = publish(args.source, args.to, index=args.index, name=args.name, seed=args.seed, results=results)
     files = sorted(p.name for p in folder.iterdir())
     print(f"published zoo/{folder.name} to {folder} ({', '.join(files)})"
           + (f"; recorded its sha256s in {args.index}" if args.index else ""))
@@ -389,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "JSON (created if missing); the zoo's own is plugins/hub/index.json")
     p.add_argument("--name", default=None, help="publish a checkpoint under this variant name (default: its header's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization when publishing a NAME (default: 0)")
+    p.add_argument("--results", metavar="FILE", default=None, help="a checkpoint's measured results for its card "
+                   "(a model_cards/results/NAME.json, as `zoo study --cards` and `zoo eval --write-card` write it)")
 
     p = add("serve", cmd_serve, "Serve a folder of published variants on 127.0.0.1 with the HF Hub resolve protocol "
             "(for `zoo pull --endpoint URL`, ZOO_ENDPOINT or huggingface_hub); runs until Ctrl-C.")
@@ -420,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="data spec, as for zoo train (default: stdlib)")
     p.add_argument("--no-depth", action="store_true", help="skip the depth stress test")
     p.add_argument("--depth-steps", type=int, default=None, help="steps per depth-stress run (default: 150)")
-    p.add_argument("--depth-lr", type=float, default=None, help="depth-stress peak learning rate (default: 1e-2)")
+    p.add_argument("--depth-lr", type=float, nargs="+", default=None, metavar="LR", help="depth-stress peak learning "
+                   "rates, one group each (default: 1e-2)")
     p.add_argument("--depth-seeds", nargs="+", type=int, metavar="S", help="depth-stress seeds (default: 0 1)")
     p.add_argument("--jobs", type=int, default=1, help="trainings side by side, each on cores/JOBS threads (default: 1)")
     p.add_argument("--out", default="runs/study", help="run folders and study.json (default: runs/study); finished "

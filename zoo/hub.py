@@ -44,6 +44,8 @@ UNTRAINED_NOTE = ("The weights published here are **untrained**: freshly initial
                   "training recipe lands. They check the plumbing; they are not a language model.")
 CHECKPOINT_NOTE = ("The weights published here come from the zoo checkpoint `{source}`; no measured results were "
                    "published with them.")
+RESULTS_NOTE = ("The weights published here come from the zoo checkpoint `{source}`, trained by the zoo's recipe: "
+                "{recipe}. Its own measured numbers are under Results.")
 _REVISION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
 
 
@@ -141,12 +143,13 @@ def _is_checkpoint(source: str) -> bool:
 
 
 def publish(source: Union[str, Path], to: Union[str, Path], *, index: Union[None, str, Path] = None,
-            name: Optional[str] = None, seed: int = 0) -> Path:
+            name: Optional[str] = None, seed: int = 0, results: Optional[dict[str, Any]] = None) -> Path:
     """Write the repository folder ``to/<variant>/`` and return it.
 
     ``source`` is a variant name (published with untrained weights: freshly initialized with ``seed``,
     which the card says) or a zoo checkpoint (published under ``name``, default the variant in its
-    header). With ``index``, the files' sha256 and the commit id are recorded in that index file.
+    header) with its measured ``results`` (a model card results dict) on its card. With ``index``, the
+    files' sha256 and the commit id are recorded in that index file.
     The folder is assembled next to its place and swapped in, so a running server never sees half of it.
     """
     import torch
@@ -161,7 +164,8 @@ def publish(source: Union[str, Path], to: Union[str, Path], *, index: Union[None
         cfg, meta = checkpoint_config(source)
         name = _variant_name(name or meta.get("variant") or "")
         model = zoo.load(source)
-        note = CHECKPOINT_NOTE.format(source=Path(source).name)
+        note = (RESULTS_NOTE.format(source=Path(source).name, recipe=results.get("recipe", "see the training log"))
+                if results else CHECKPOINT_NOTE.format(source=Path(source).name))
     else:
         base = _variant_name(source)
         name = _variant_name(name or base)
@@ -169,11 +173,12 @@ def publish(source: Union[str, Path], to: Union[str, Path], *, index: Union[None
         torch.manual_seed(seed)
         model = zoo.build(base)
         note = UNTRAINED_NOTE.format(name=base, seed=seed)
+        results = None  # measured numbers belong to trained weights, not to a fresh init
     to = Path(to)
     to.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".publishing", dir=to))
     try:
-        (staging / "README.md").write_text(render_card(name, cfg, results=None, weights_note=note))
+        (staging / "README.md").write_text(render_card(name, cfg, results=results, weights_note=note))
         (staging / "config.yaml").write_text(cfg.to_yaml())
         zoo.save(model, staging / WEIGHTS, variant=name)
         files = {p.name: sha256_file(p) for p in sorted(staging.iterdir()) if p.is_file()}

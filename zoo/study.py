@@ -40,6 +40,7 @@ class StudyConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     main: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, eval_every=50, checkpoint_every=200))
     depth_seeds: tuple[int, ...] = (0, 1)
+    depth_lrs: tuple[float, ...] = (1e-2,)  # each a group of its own; ``depth.lr`` is replaced by each
     depth_shape: tuple[str, ...] = DEPTH_SHAPE
     depth: Optional[TrainConfig] = field(default_factory=lambda: TrainConfig(steps=150, lr=1e-2, eval_every=50,
                                                                              checkpoint_every=150))
@@ -47,7 +48,7 @@ class StudyConfig:
 
 @dataclass
 class Run:
-    group: str            # "main" or "depth"
+    group: str            # "main", or "depth-lrLR" for the depth test at peak learning rate LR
     kind: str             # "dense" or "moe"
     strategy: str
     seed: int
@@ -63,12 +64,16 @@ class Run:
         return f"{self.group}/{self.kind}-{self.strategy}-s{self.seed}"
 
 
+def depth_group(lr: float) -> str:
+    return f"depth-lr{lr:g}"
+
+
 def plan(sc: StudyConfig) -> list[Run]:
     runs = [Run("main", kind, s, seed, replace(sc.main, seed=seed))
             for seed in sc.seeds for kind in sc.kinds for s in sc.strategies]
     if sc.depth is not None:
-        runs += [Run("depth", "dense", s, seed, replace(sc.depth, seed=seed), tuple(sc.depth_shape))
-                 for seed in sc.depth_seeds for s in sc.strategies]
+        runs += [Run(depth_group(lr), "dense", s, seed, replace(sc.depth, seed=seed, lr=lr), tuple(sc.depth_shape))
+                 for lr in sc.depth_lrs for seed in sc.depth_seeds for s in sc.strategies]
     return runs
 
 
@@ -77,7 +82,8 @@ def _execute(run: Run, out: Path, threads: int, quiet: bool) -> dict[str, Any]:
     marker = folder / "run.json"
     if marker.exists():
         done = json.loads(marker.read_text())
-        if done.get("train") == asdict(run.tc) and done.get("overrides") == list(run.overrides):
+        recorded = asdict(TrainConfig(**done.get("train", {})))  # fields added since keep their defaults
+        if recorded == asdict(run.tc) and done.get("overrides") == list(run.overrides):
             return read_run(run.variant, folder, done["returncode"])
     folder.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
-from .study import LABELS, Run, StudyConfig, layer_grad_norms, _steps
+from .study import LABELS, Run, StudyConfig, _steps, depth_group, layer_grad_norms
 
-GROUP_TITLES = {"main": "Tiny models (4 layers, d_model 128)", "depth": "Depth stress test (24 layers, d_model 64)"}
+
+def group_title(group: str) -> str:
+    if group == "main":
+        return "Tiny models (4 layers, d_model 128)"
+    return f"Depth stress test (24 layers, d_model 64), peak lr {group.removeprefix('depth-lr')}"
 
 
 def _f(value: Optional[float], digits: int = 4) -> str:
@@ -54,12 +59,15 @@ def markdown(sc: StudyConfig, rows: list[dict[str, Any]], table: list[dict[str, 
         "training (max over layers, mean over seeds); `rms` the last block's output RMS at the final step.",
         "",
     ]
-    for group, tc, seeds in (("main", sc.main, sc.seeds), ("depth", sc.depth, sc.depth_seeds)):
+    groups = [("main", sc.main, sc.seeds)]
+    if sc.depth is not None:
+        groups += [(depth_group(lr), replace(sc.depth, lr=lr), sc.depth_seeds) for lr in sc.depth_lrs]
+    for group, tc, seeds in groups:
         group_rows = [t for t in table if t["group"] == group]
-        if not group_rows or tc is None:
+        if not group_rows:
             continue
         shape = "" if group == "main" else f" Shape overrides: `{' '.join(sc.depth_shape)}`."
-        lines += [f"## {GROUP_TITLES[group]}", "",
+        lines += [f"## {group_title(group)}", "",
                   f"{tc.steps} steps x {tc.batch_size} x {tc.seq_len} tokens ({tc.steps * tc.batch_size * tc.seq_len:,} "
                   f"tokens), peak lr {tc.lr:g}, warmup {tc.warmup_steps}, seeds {', '.join(map(str, seeds))}.{shape}", "",
                   "| model | norm | val (mean ± std) | val per seed | train | diverged | logit | rms |",
@@ -131,7 +139,7 @@ def plot(results: list[tuple[Run, dict[str, Any]]], folder: Path, prefix: str) -
                     line, = ax.plot(xs, ys, label=f"{_label(strategy)} (train)", alpha=0.85)
                     vx, vy = _mean_curve([[r for r in m if "val_loss" in r] for m in series(kind, strategy)], "val_loss")
                     ax.plot(vx, vy, "o--", color=line.get_color(), label=f"{_label(strategy)} (val)")
-            ax.set(title=f"{GROUP_TITLES[group]}: {kind}, mean over seeds", xlabel="tokens", ylabel="loss (nats/byte)")
+            ax.set(title=f"{group_title(group)}: {kind}, mean over seeds", xlabel="tokens", ylabel="loss (nats/byte)")
             ax.set_ylim(top=min(ax.get_ylim()[1], 4.0))
             ax.grid(alpha=0.3)
             _legend(ax)
@@ -229,6 +237,7 @@ def write_report(sc: StudyConfig, results: list[tuple[Run, dict[str, Any]]], out
     report.write_text(markdown(sc, rows, table, plots, command))
     data = {"config": {"strategies": sc.strategies, "kinds": sc.kinds, "seeds": sc.seeds, "main": sc.main.__dict__,
                        "depth": sc.depth.__dict__ if sc.depth else None, "depth_seeds": sc.depth_seeds,
+                       "depth_lrs": sc.depth_lrs,
                        "depth_shape": sc.depth_shape}, "runs": rows, "table": table}
     (out / "study.json").write_text(json.dumps(data, indent=2))
     if cards_dir is not None:
