@@ -7,6 +7,7 @@ projection and before RoPE: per head (one gain of size d_h shared by all heads) 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,11 +23,22 @@ from zoo.errors import ConfigError
 
 
 def rope_cos_sin(seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """cos and sin tables ``(seq_len, head_dim)`` in rotate-half layout, computed in fp32."""
+    """cos and sin tables ``(seq_len, head_dim)`` in rotate-half layout, computed in fp32; cached, as
+    every layer of a forward asks for the same ones (not under inference mode, whose tensors autograd refuses,
+    nor while torch.compile traces)."""
+    if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+        return _rope_tables(seq_len, head_dim, theta, device, dtype)
+    return _cached_rope_tables(seq_len, head_dim, theta, device, dtype)
+
+
+def _rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
     freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+_cached_rope_tables = functools.lru_cache(maxsize=16)(_rope_tables)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

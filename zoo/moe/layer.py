@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from ..config import ModelConfig, resolve_options
 from ..ffn import SwiGLU
 from ..init import Init
+from ..linear import Linear
 from ..registry import REGISTRY
 from .experts import Experts
 from .losses import load_balancing_loss, z_loss
@@ -44,7 +45,7 @@ class MoEFFN(nn.Module):
         shared_width = moe.shared_hidden_size if moe.shared_hidden_size is not None else moe.shared_experts * moe.hidden_size
         self.shared = SwiGLU(cfg.d_model, shared_width) if moe.shared_experts else None
         # Qwen2-MoE's shared-expert gate: the shared output is scaled by sigmoid(shared_gate(x))
-        self.shared_gate = nn.Linear(cfg.d_model, 1, bias=False) if moe.shared_experts and moe.shared_gate else None
+        self.shared_gate = Linear(cfg.d_model, 1, bias=False) if moe.shared_experts and moe.shared_gate else None
 
     def init_weights(self, init: Init) -> None:
         self.router.init_weights(init)

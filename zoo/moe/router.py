@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from ..config import ModelConfig
 from ..init import Init
+from ..linear import Linear
 
 
 @dataclass
@@ -55,7 +56,7 @@ class Router(nn.Module):
         self.num_experts, self.top_k = cfg.moe.num_experts, cfg.moe.top_k
         self.jitter = cfg.moe.jitter
         self.options = options
-        self.layer = nn.Linear(cfg.d_model, self.num_experts, bias=False)
+        self.layer = Linear(cfg.d_model, self.num_experts, bias=False)
 
     def init_weights(self, init: Init) -> None:
         init(self.layer.weight, "router")
