@@ -88,6 +88,7 @@ def test_aggregate_means_stds_and_paired_differences():
     assert by["prenorm"]["max_attn_logit"] == pytest.approx(4.5)  # max over layers, mean over seeds (4, 5)
     assert by["prenorm"]["final_residual_rms"] == pytest.approx(0.7)
     assert by["prenorm"]["train_loss"] == pytest.approx(2.5)  # mean of the last steps' losses (3, 2)
+    assert by["prenorm"]["grad_spread_log10"] == pytest.approx(0.0)  # last-20% window: layers 2.0 and 2.0
     (d,) = paired_differences(rows, "main", "dense")
     assert d["strategy"] == "hybridnorm" and d["mean"] == pytest.approx(0.0) and d["wins"] == 1 and d["n"] == 2
     assert d["std"] == pytest.approx((0.1**2 + 0.1**2) ** 0.5)  # differences -0.1 and +0.1

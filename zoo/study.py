@@ -135,6 +135,7 @@ def summarize(run: Run, result: dict[str, Any]) -> dict[str, Any]:
     last = steps[-1] if steps else {}
     tail = [r["loss"] for r in steps[-10:]]
     logits = [max(r["max_attn_logit"]) for r in steps if r.get("max_attn_logit")]
+    late = layer_grad_norms(result["metrics"], 0.8, 1.0)
     return {
         "group": run.group, "kind": run.kind, "strategy": run.strategy, "seed": run.seed, "variant": run.variant,
         "steps": len(steps), "diverged": result["diverged"],
@@ -142,6 +143,7 @@ def summarize(run: Run, result: dict[str, Any]) -> dict[str, Any]:
         "val_loss": vals[-1] if vals and not result["diverged"] else None,
         "max_attn_logit": max(logits) if logits else None,
         "final_residual_rms": last.get("residual_rms", [None])[-1] if last.get("residual_rms") else None,
+        "grad_spread": max(late) / min(late) if late and min(late) > 0 else None,
         "tokens_per_s": result["summary"].get("tokens_per_s"),
     }
 
@@ -164,10 +166,12 @@ def aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         tr, tr_sd = _mean_std([r["train_loss"] for r in rs])
         logit, _ = _mean_std([r["max_attn_logit"] for r in rs])
         rms, _ = _mean_std([r["final_residual_rms"] for r in rs])
+        spread, _ = _mean_std([math.log10(r["grad_spread"]) for r in rs if r["grad_spread"]])
         table.append({"group": group, "kind": kind, "strategy": strategy, "variant": rs[0]["variant"],
                       "seeds": [r["seed"] for r in rs], "val_loss": val, "val_loss_std": val_sd, "train_loss": tr,
                       "train_loss_std": tr_sd, "diverged": sum(r["diverged"] for r in rs),
                       "max_attn_logit": logit, "final_residual_rms": rms,
+                      "grad_spread_log10": spread,
                       "val_losses": [r["val_loss"] for r in rs]})
     return table
 

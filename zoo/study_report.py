@@ -56,7 +56,9 @@ def markdown(sc: StudyConfig, rows: list[dict[str, Any]], table: list[dict[str, 
         f"{m.weight_decay:g}, clip {m.grad_clip:g}, linear warmup then cosine to {m.min_lr_ratio:g} x peak. "
         f"Loss in nats per byte; `val` is the last evaluation ({m.eval_batches} fixed validation batches), "
         "`train` the mean of the last 10 steps. `logit` is the largest pre-softmax attention logit seen during "
-        "training (max over layers, mean over seeds); `rms` the last block's output RMS at the final step.",
+        "training (max over layers, mean over seeds); `rms` the last block's output RMS at the final step; "
+        "`spread` is log10 of the largest over the smallest per-layer FFN gradient norm in the last 20% of steps "
+        "(0 = equal across layers; the paper's figure in one number), mean over seeds.",
         "",
     ]
     groups = [("main", sc.main, sc.seeds)]
@@ -70,13 +72,14 @@ def markdown(sc: StudyConfig, rows: list[dict[str, Any]], table: list[dict[str, 
         lines += [f"## {group_title(group)}", "",
                   f"{tc.steps} steps x {tc.batch_size} x {tc.seq_len} tokens ({tc.steps * tc.batch_size * tc.seq_len:,} "
                   f"tokens), peak lr {tc.lr:g}, warmup {tc.warmup_steps}, seeds {', '.join(map(str, seeds))}.{shape}", "",
-                  "| model | norm | val (mean ± std) | val per seed | train | diverged | logit | rms |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| model | norm | val (mean ± std) | val per seed | train | diverged | logit | rms | spread |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for t in sorted(group_rows, key=lambda t: (t["kind"], t["val_loss"] if t["val_loss"] is not None else math.inf)):
             per_seed = ", ".join(_f(v) for v in t["val_losses"])
             lines.append(f"| {t['kind']} | {_label(t['strategy'])} | {_f(t['val_loss'])} ± {_f(t['val_loss_std'])} | "
                          f"{per_seed} | {_f(t['train_loss'])} | {t['diverged']}/{len(t['seeds'])} | "
-                         f"{_f(t['max_attn_logit'], 1)} | {_f(t['final_residual_rms'], 2)} |")
+                         f"{_f(t['max_attn_logit'], 1)} | {_f(t['final_residual_rms'], 2)} | "
+                         f"{_f(t['grad_spread_log10'], 2)} |")
         lines.append("")
         for kind in dict.fromkeys(t["kind"] for t in group_rows):
             diffs = paired_differences(rows, group, kind)
