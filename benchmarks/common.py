@@ -15,22 +15,29 @@ def sync(device: str = "cpu") -> None:
         torch.cuda.synchronize()
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """FLOP/s of a large square matmul in ``dtype`` (the fastest of ``repeats``): the practical peak."""
+PEAK_SHAPES = ((2048, 2048, 2048), (4096, 512, 1536), (4096, 1536, 512), (2048, 4096, 1024))  # (m, k, n)
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int = 5, device: str = "cpu") -> float:
+    """FLOP/s of the fastest of a few large matmuls in ``dtype`` (best of ``repeats`` each): the
+    practical peak. Several shapes, including a transformer layer's, so that no model GEMM can beat
+    the "peak" merely by having a friendlier shape than one square probe."""
+    shapes: tuple[tuple[int, int, int], ...] = PEAK_SHAPES
     if device == "cpu" and dtype != torch.float32:
-        n, repeats = 512, 2  # a bf16 matmul without bf16 units runs at a few GFLOP/s
+        shapes, repeats = ((512, 512, 512),), 2  # a bf16 matmul without bf16 units runs at a few GFLOP/s
     elif device != "cpu":
-        n, repeats = 8192, 10
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    a @ b
-    sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
+        shapes, repeats = ((8192, 8192, 8192),), 10
+    best = 0.0
+    for m, k, n in shapes:
+        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         a @ b
         sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+        for _ in range(repeats):
+            t = time.perf_counter()
+            a @ b
+            sync(device)
+            best = max(best, 2 * m * k * n / (time.perf_counter() - t))
+    return best
 
 
 def round_robin(fns: dict[str, Callable[[], Any]], repeats: int, warmups: int = 1, device: str = "cpu") -> dict[str, float]:

@@ -48,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny sizes and one repeat (for tests)")
     parser.add_argument("--out", default=str(HERE / "results"), help="folder of the JSON results")
     parser.add_argument("--compile", action="store_true", help="also measure the MFU model under torch.compile")
+    parser.add_argument("--summary-only", action="store_true", help="run nothing: check the goals against the JSON "
+                        "already in --out (e.g. after rerunning one benchmark by hand)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
          + (["--compile"] if args.compile else [])),
         ("checkpoint_io.py", ["--out", str(out / "checkpoint_io.json")] + (["--quick"] if args.quick else [])),
     ]
-    for script, extra in runs:
+    for script, extra in [] if args.summary_only else runs:
         print(f"\n=== {script} {' '.join(extra)}", flush=True)
         proc = subprocess.run([sys.executable, str(HERE / script), *extra])
         if proc.returncode != 0:
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     train = json.loads((out / "train_step.json").read_text())
     io = json.loads((out / "checkpoint_io.json").read_text())
     rows = goals(train, io)
-    print("\n=== goals (measured in this run)")
+    print("\n=== goals (" + ("from the JSON in " + str(out) if args.summary_only else "measured in this run") + ")")
     for label, value, unit, met in rows:
         print(f"{'PASS' if met else 'FAIL'}  {label}: {value:.3g}{unit}")
     (out / "summary.json").write_text(json.dumps([{"goal": g, "measured": v, "unit": u, "met": m} for g, v, u, m in rows],
