@@ -315,7 +315,7 @@ def train(model_source: Union[str, ModelConfig], overrides: ConfigSource = None,
                 "max_attn_logit": _max_attn_logits(step_logits),
             }
             if output.aux_loss is not None:
-                record["aux_loss"] = float(output.aux_loss)
+                record["aux_loss"] = float(output.aux_loss.detach())
                 record["router"] = [{"load_cv": float(s["load_cv"]), "max_over_mean": float(s["max_over_mean"]),
                                      "dropped": int(s["dropped"]), "router_logsumexp": float(s["router_logsumexp"])}
                                     for s in output.router_stats]
