@@ -188,8 +188,10 @@ def test_server_sends_empty_files_and_ranges_with_sendfile(tmp_path):
 # pull: the real `zoo serve`, cache, offline
 # ---------------------------------------------------------------------------------------------
 def test_pull_from_zoo_serve_then_from_cache_then_offline(published, hf_home, monkeypatch, subprocess_env):
+    # Ctrl-C must reach the server even when this suite runs in the background (where SIGINT is inherited ignored)
     server = subprocess.Popen([ZOO, "serve", str(published.dir), "--port", "0", "--quiet"], env=subprocess_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = server.stdout.readline()
         match = re.search(r"http://127\.0\.0\.1:\d+", line)
