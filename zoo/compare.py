@@ -30,7 +30,8 @@ def train_command(name: str, tc: TrainConfig, out: Path, overrides: list[str]) -
     """The ``zoo train`` command line that trains ``name`` with ``tc`` into ``out``."""
     cmd = [sys.executable, "-m", "zoo", "train", name, "--out", str(out), "--steps", str(tc.steps), "--batch-size",
            str(tc.batch_size), "--seq-len", str(tc.seq_len), "--lr", str(tc.lr), "--seed", str(tc.seed), "--data", tc.data,
-           "--tokenizer", tc.tokenizer, "--eval-every", str(tc.eval_every), "--warmup", str(tc.warmup_steps)]
+           "--tokenizer", tc.tokenizer, "--eval-every", str(tc.eval_every), "--checkpoint-every", str(tc.checkpoint_every),
+           "--warmup", str(tc.warmup_steps)]
     if tc.compile:
         cmd.append("--compile")
     for item in overrides:

@@ -86,6 +86,7 @@ def _execute(run: Run, out: Path, threads: int, quiet: bool) -> dict[str, Any]:
         if recorded == asdict(run.tc) and done.get("overrides") == list(run.overrides):
             return read_run(run.variant, folder, done["returncode"])
     folder.mkdir(parents=True, exist_ok=True)
+    marker.unlink(missing_ok=True)  # a retrain stopped halfway must not leave the old run's marker on new metrics
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     log = folder / "train.log"
     t0 = time.perf_counter()
