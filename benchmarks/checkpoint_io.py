@@ -2,6 +2,11 @@
 load and `torch.load`; and how long a cold `zoo pull` from a local `zoo serve` takes next to copying the
 same file and fetching it with a plain HTTP GET from the same server.
 
+The "pull" row pulls a variant that an index pins (published with `index=`), as `zoo.build(name,
+pretrained=True)` pulls the zoo's own variants: every file straight from the zoo's transfer, at once.
+"pull_unindexed" pulls it with no index, as from a third-party hub: huggingface_hub resolves the
+revision and fetches checksums.sha256 first.
+
 Everything is timed round-robin (each round runs every variant once, so a change in the machine's speed
 hits all of them alike), after one untimed warm-up round; the median of the rounds is reported. The page
 cache is warm: every variant reads files that are already in memory, so this compares software costs,
@@ -48,7 +53,7 @@ SIZES = {  # name: config overrides (tied embeddings, as the variant has them)
 GOALS = {  # ratio key (what benchmarks/run_all.py reads): (what it is, limit, how it compares)
     "load_vs_read": ("zoo.load / read bytes", 1.5, "<="),
     "load_vs_torch_load": ("zoo.load / torch.load", 1.0, "<"),
-    "pull_vs_copy": ("pull / copy", 2.0, "<="),
+    "pull_vs_copy": ("pull (indexed) / copy", 2.0, "<="),
 }
 PAGE = 4096
 Times = tuple[list[float], list[float]]  # (wall seconds, CPU seconds of this process) per call
@@ -177,7 +182,8 @@ def bench_pull(path: Path, work: Path, repeats: int) -> dict[str, Any]:
 
     disable_progress_bars()
     name = "checkpoint-io-bench"
-    folder = hub.publish(path, work / "hub", name=name)
+    index = work / "index.json"
+    folder = hub.publish(path, work / "hub", name=name, index=index)
     src = folder / hub.WEIGHTS
     nbytes = src.stat().st_size
     counter = iter(range(10**9))
@@ -198,8 +204,11 @@ def bench_pull(path: Path, work: Path, repeats: int) -> dict[str, Any]:
             with urllib.request.urlopen(file_url) as r, open(fresh("get") / hub.WEIGHTS, "wb") as f:
                 shutil.copyfileobj(r, f, 1 << 20)
 
-        def pull() -> Path:
-            return hub.pull(name, endpoint=url, index={}, cache_dir=fresh("pull"))
+        def pull() -> Path:  # pinned by the index, as zoo.build(name, pretrained=True) pulls the zoo's variants
+            return hub.pull(name, endpoint=url, index=index, cache_dir=fresh("pull"))
+
+        def pull_unindexed() -> Path:  # a third-party hub's variant: checksums.sha256 through huggingface_hub first
+            return hub.pull(name, endpoint=url, index={}, cache_dir=fresh("pull-unindexed"))
 
         def hf_download(chunk: int = constants.DOWNLOAD_CHUNK_SIZE) -> None:
             default = constants.DOWNLOAD_CHUNK_SIZE
@@ -213,13 +222,13 @@ def bench_pull(path: Path, work: Path, repeats: int) -> dict[str, Any]:
             "copy": copy,
             "http_get": http_get,
             "pull": pull,
+            "pull_unindexed": pull_unindexed,
             "hf_hub_download_weights": hf_download,
             "hf_hub_download_weights_64k_chunks": lambda: hf_download(64 * 1024),
             "sha256_weights": lambda: sha256_file(src),
         }
         times = round_robin(fns, repeats, after=lambda: shutil.rmtree(work / "scratch", ignore_errors=True))
-        pulled = pull() / hub.WEIGHTS
-        verified = sha256_file(pulled) == sha256_file(src)
+        verified = all(sha256_file(fn() / hub.WEIGHTS) == sha256_file(src) for fn in (pull, pull_unindexed))
     finally:
         stop_server(proc)
         shutil.rmtree(work / "scratch", ignore_errors=True)
@@ -235,6 +244,7 @@ def ratios(load: dict[str, Any], pull: dict[str, Any]) -> dict[str, float]:
             "sharded_load_vs_read": med(lv, "zoo_load_sharded") / med(lv, "read_bytes"),
             "load_vs_safetensors_load_file": med(lv, "zoo_load") / med(lv, "safetensors_load_file"),
             "pull_vs_copy": med(pv, "pull") / med(pv, "copy"),
+            "pull_unindexed_vs_copy": med(pv, "pull_unindexed") / med(pv, "copy"),
             "http_get_vs_copy": med(pv, "http_get") / med(pv, "copy"),
             "hf_download_vs_http_get": med(pv, "hf_hub_download_weights") / med(pv, "http_get"),
             "sha256_vs_copy": med(pv, "sha256_weights") / med(pv, "copy")}
@@ -251,7 +261,8 @@ LABELS = {
     "torch_load_then_touch": "torch.load + read every 4 KiB page",
     "copy": "shutil.copyfile (fresh folder)",
     "http_get": "urllib GET from zoo serve",
-    "pull": "zoo pull, cold cache, verified",
+    "pull": "zoo pull, cold cache, verified (indexed)",
+    "pull_unindexed": "zoo pull, same, no index (third-party hub)",
     "hf_hub_download_weights": "  hf_hub_download(weights) alone",
     "hf_hub_download_weights_64k_chunks": "  same, hf chunk 64 KiB (what-if)",
     "sha256_weights": "  sha256 of the weights",
@@ -283,8 +294,13 @@ def report(results: dict[str, Any]) -> str:
     lines.append(f"goals (medians){small}:")
     for goal in results["goals"].values():
         lines.append(f"  {goal['what']:28s} {goal['ratio']:6.2f}  {goal['op']} {goal['limit']:<4}  {'PASS' if goal['pass'] else 'FAIL'}")
+    pv, r = pull["variants"], results["ratios"]
+    lines.append(f"zoo pull: indexed (the index pins it, as for the zoo's own variants) {pv['pull']['median_ms']:.1f} ms, "
+                 f"{r['pull_vs_copy']:.2f}x copy; unindexed (checksums.sha256 through huggingface_hub first) "
+                 f"{pv['pull_unindexed']['median_ms']:.1f} ms, {r['pull_unindexed_vs_copy']:.2f}x copy")
     lines.append("other ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in results["ratios"].items() if k not in GOALS))
-    lines.append(f"weights equal after zoo.load: {load['weights_equal']}; pulled bytes match: {pull['pulled_bytes_match']}")
+    lines.append(f"weights equal after zoo.load: {load['weights_equal']}; pulled bytes match (both pulls): "
+                 f"{pull['pulled_bytes_match']}")
     return "\n".join(lines)
 
 

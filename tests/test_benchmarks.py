@@ -35,11 +35,13 @@ def test_checkpoint_io_benchmark_runs_and_loads_the_saved_weights(tmp_path):
     assert {"machine", "model", "repeats", "page_cache", "load", "pull", "ratios", "goals", "table"} <= set(data)
     assert set(data["load"]["variants"]) == {"read_bytes", "zoo_load", "zoo_load_sharded", "safetensors_load_file",
                                              "torch_load", "torch_load_mmap", "zoo_load_then_touch", "torch_load_then_touch"}
-    assert {"copy", "http_get", "pull", "hf_hub_download_weights", "sha256_weights"} <= set(data["pull"]["variants"])
+    assert {"copy", "http_get", "pull", "pull_unindexed", "hf_hub_download_weights",
+            "sha256_weights"} <= set(data["pull"]["variants"])
     for part in ("load", "pull"):
         for v in data[part]["variants"].values():
             assert len(v["times_ms"]) == data["repeats"] == 2 and v["median_ms"] > 0
     assert set(data["goals"]) == {"load_vs_read", "load_vs_torch_load", "pull_vs_copy"} <= set(data["ratios"])
+    assert data["ratios"]["pull_unindexed_vs_copy"] > 0 and "unindexed" in data["table"]
     assert all(isinstance(g["pass"], bool) and g["ratio"] > 0 for g in data["goals"].values())
     assert data["load"]["shards"] > 1 and data["load"]["fresh_process"]["zoo_load"]["median_ms"] > 0
     assert data["load"]["weights_equal"] == {"zoo_load": True, "zoo_load_sharded": True}

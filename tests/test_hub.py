@@ -1,4 +1,4 @@
-"""Publish, serve and pull over real HTTP on 127.0.0.1: clean, cached, offline, resumed, corrupted,
+"""Publish, serve and pull over real HTTP on 127.0.0.1: clean, cached, offline, resumed, truncated, corrupted,
 404/500, concurrent pulls, malformed names, pretrained builds and the embedded hub."""
 from __future__ import annotations
 
@@ -64,6 +64,61 @@ def assert_pulled(path: Path, published, hf_home: Path) -> None:
     assert path == snapshot_of(hf_home) / published.commit
     for filename in [*published.files, CHECKSUMS]:
         assert (path / filename).read_bytes() == (published.folder / filename).read_bytes(), filename
+
+
+def mismatch(url: str, filename: str, want: str, got: str) -> str:
+    return (f"checksum mismatch for zoo/{NAME}/{filename} from {url}: the zoo's index has sha256 {want}, the download has "
+            f"{got}; the bad file was removed from the cache (the hub or the transfer is corrupt; pull again, or check "
+            "the hub's files with `sha256sum -c checksums.sha256`)")
+
+
+def use_transfer(kind: str, monkeypatch) -> type[HubRequestHandler]:
+    """Steer the zoo's transfer onto one of its paths: 'splice' (Linux, plain http), 'readinto' (into an mmap,
+    as over https or without os.splice) or 'unsized' (no Content-Length: plain reads); returns the handler."""
+    if kind != "splice":
+        monkeypatch.delattr(os, "splice", raising=False)
+    return NoLength if kind == "unsized" else HubRequestHandler
+
+
+class NoLength(HubRequestHandler):
+    """Sends the weights without a Content-Length: their body ends when the connection closes."""
+
+    def send_header(self, keyword, value):
+        if not (keyword == "Content-Length" and self.path.endswith("/model.safetensors")):
+            super().send_header(keyword, value)
+
+
+class Recording(HubRequestHandler):
+    """Records the Range header (None for none) of every download of the weights (or of ``filename``)."""
+
+    ranges: list = []
+    filename = "model.safetensors"
+
+    def send_body(self, f, length, filename):
+        if filename == Recording.filename:
+            Recording.ranges.append(self.headers.get("Range"))
+        super().send_body(f, length, filename)
+
+
+class Requests(HubRequestHandler):
+    """Records every request as (method, path)."""
+
+    seen: list = []
+
+    def _handle(self, head):
+        Requests.seen.append(("HEAD" if head else "GET", self.path))
+        super()._handle(head)
+
+
+def cache_tree(cache: Path) -> dict[str, str]:
+    """Everything under an HF cache: 'dir', a symlink's target, or a file's sha256."""
+    return {str(p.relative_to(cache)): (f"-> {os.readlink(p)}" if p.is_symlink() else "dir" if p.is_dir()
+                                         else hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(cache.rglob("*"))}
+
+
+def pull_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(f"pull {NAME}")]
 
 
 def request(url: str, method: str = "GET", headers: dict | None = None):
@@ -228,6 +283,253 @@ def test_pretrained_build_loads_the_published_weights(published, monkeypatch):
     assert model.variant == NAME
 
 
+@pytest.mark.parametrize("kind", ["splice", "readinto", "unsized"])
+def test_pull_places_verified_files_in_the_hf_cache_layout(published, hf_home, monkeypatch, kind):
+    """Blobs named by their sha256 and relative snapshot symlinks, as hf_hub_download lays them out, so
+    huggingface_hub finds them offline; each file hashed once, while it downloaded."""
+    handler = use_transfer(kind, monkeypatch)
+    hashed = []
+    real = hub.sha256_file
+    monkeypatch.setattr(hub, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    with serve_background(published.dir, handler=handler) as url:
+        path = hub.pull(NAME, endpoint=url, index={})  # revision main, verified against the served checksums
+    assert_pulled(path, published, hf_home)
+    assert hashed == []  # all verified on the way in (checksums.sha256 is the reference here, not checked)
+    repo = hf_home / "hub" / f"models--zoo--{NAME}"
+    for filename, digest in published.files.items():
+        assert os.readlink(path / filename) == f"../../blobs/{digest}"
+        assert (repo / "blobs" / digest).read_bytes() == (published.folder / filename).read_bytes()
+    assert not [p for p in blobs_of(hf_home) if p.name.endswith(".incomplete")]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the server is gone
+    assert_pulled(hub.pull(NAME, endpoint=url, index={}), published, hf_home)
+    assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
+    assert hashed.count("model.safetensors") == 2  # from the cache: hashed before use, every time
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    weights = path / "model.safetensors"
+    assert Path(hf_hub_download(f"zoo/{NAME}", "model.safetensors", revision=published.commit,
+                                cache_dir=hf_home / "hub", local_files_only=True)) == weights
+    assert Path(try_to_load_from_cache(f"zoo/{NAME}", "model.safetensors", cache_dir=hf_home / "hub")) == weights
+
+
+def test_an_indexed_pull_asks_the_hub_nothing_first_and_fills_the_cache_as_huggingface_hub_does(
+        published, hf_home, monkeypatch, tmp_path):
+    """The index pins the commit and every sha256 (checksums.sha256's too): no huggingface_hub call, no HEAD,
+    one GET per file at the pinned commit, and the cache huggingface_hub's own downloads of that commit make."""
+    import huggingface_hub
+
+    def no_hf_hub_download(*args, **kwargs):
+        raise AssertionError(f"hf_hub_download{args} was called")
+
+    Requests.seen = []
+    with serve_background(published.dir, handler=Requests) as url:
+        with monkeypatch.context() as m:
+            m.setattr(huggingface_hub, "hf_hub_download", no_hf_hub_download)
+            path = hub.pull(NAME, endpoint=url, index=published.index)
+        assert_pulled(path, published, hf_home)
+        assert sorted(Requests.seen) == sorted(("GET", f"/zoo/{NAME}/resolve/{published.commit}/{filename}")
+                                               for filename in [*published.files, CHECKSUMS])
+        other = tmp_path / "hf-cache"
+        for filename in [*published.files, CHECKSUMS]:
+            huggingface_hub.hf_hub_download(f"zoo/{NAME}", filename, revision=published.commit, endpoint=url,
+                                            cache_dir=other, token=False)
+    assert cache_tree(hf_home / "hub") == cache_tree(other)
+    assert pull_threads() == []
+
+
+class HoldWeights(HubRequestHandler):
+    """Holds the weights' body until the three other files were sent: a pull that fetches one file after the
+    other waits here (5 s, below the client's read timeout) and gets them late."""
+
+    sent = 0
+    others_sent = threading.Event()
+    overlapped = False
+    lock = threading.Lock()
+
+    def send_body(self, f, length, filename):
+        if filename == "model.safetensors":
+            HoldWeights.overlapped = HoldWeights.others_sent.wait(5)
+            return super().send_body(f, length, filename)
+        super().send_body(f, length, filename)
+        with HoldWeights.lock:
+            HoldWeights.sent += 1
+            if HoldWeights.sent == 3:
+                HoldWeights.others_sent.set()
+
+
+def test_a_pull_fetches_its_files_at_once(published, hf_home):
+    HoldWeights.sent, HoldWeights.overlapped = 0, False
+    HoldWeights.others_sent.clear()
+    with serve_background(published.dir, handler=HoldWeights) as url:
+        assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
+    assert HoldWeights.overlapped
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an mmap's file through /proc")
+@pytest.mark.parametrize("kind", ["splice", "readinto"])
+def test_small_files_are_read_hashed_and_written_without_a_thread_or_a_map(published, hf_home, monkeypatch, kind):
+    """README.md, config.yaml and checksums.sha256 (1 MiB or less) cost no hash thread and no mmap; the weights do."""
+    import mmap
+
+    from zoo import hub_transfer
+    use_transfer(kind, monkeypatch)
+    threads, maps = [], []
+
+    class Hasher(hub_transfer._Hasher):
+        def __init__(self, path):
+            threads.append(path.name)
+            super().__init__(path)
+
+    def mapping(fd, *args, **kwargs):
+        maps.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        return mmap.mmap(fd, *args, **kwargs)
+
+    monkeypatch.setattr(hub_transfer, "_Hasher", Hasher)
+    monkeypatch.setattr(hub_transfer, "mmap", types.SimpleNamespace(mmap=mapping, ACCESS_READ=mmap.ACCESS_READ))
+    with serve_background(published.dir) as url:
+        assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
+    weights = f"{published.files['model.safetensors']}.incomplete"
+    assert threads == [weights] and maps and set(maps) == {weights}
+
+
+class FailReadme(HubRequestHandler):
+    """README.md answers 500 once the weights are on their way; the weights' second half goes out after that."""
+
+    weights_started = threading.Event()
+    readme_failed = threading.Event()
+
+    def _handle(self, head):
+        if not head and self.path.endswith("/README.md"):
+            FailReadme.weights_started.wait(10)
+            self.send_error_json(500, None, "Internal Server Error", head)
+            FailReadme.readme_failed.set()
+            return
+        super()._handle(head)
+
+    def send_body(self, f, length, filename):
+        if filename == "model.safetensors" and not self.headers.get("Range"):
+            half = length // 2
+            self.wfile.write(f.read(half))
+            self.wfile.flush()
+            FailReadme.weights_started.set()
+            FailReadme.readme_failed.wait(10)
+            time.sleep(0.2)  # the pull has seen README.md fail by now, most likely
+            return super().send_body(f, length - half, filename)
+        super().send_body(f, length, filename)
+
+
+def test_a_failed_file_stops_the_others_and_its_error_is_raised(published, hf_home):
+    """The other downloads stop (their bytes kept for the next pull) or finish; the pull raises the failure, and no
+    download thread outlives it."""
+    FailReadme.weights_started.clear()
+    FailReadme.readme_failed.clear()
+    data = (published.folder / "model.safetensors").read_bytes()
+    sha = published.files["model.safetensors"]
+    with serve_background(published.dir, handler=FailReadme) as url:
+        with pytest.raises(hub.HubError) as e:
+            hub.pull(NAME, endpoint=url, index=published.index)
+    assert str(e.value) == (f"the hub at {url} answered HTTP 500 for zoo/{NAME}/README.md: "
+                            "HTTP Error 500: Internal Server Error")
+    assert pull_threads() == []
+    blobs = hf_home / "hub" / f"models--zoo--{NAME}" / "blobs"
+    part = blobs / f"{sha}.incomplete"
+    assert (blobs / sha).exists() or data.startswith(part.read_bytes())  # stopped: a prefix kept
+    assert not (snapshot_of(hf_home) / published.commit / "README.md").exists()
+    with serve_background(published.dir) as url:
+        assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
+    assert not part.exists()
+
+
+def test_a_cancelled_download_keeps_its_bytes_and_resumes(published, tmp_path):
+    from zoo import hub_transfer
+    cancel = threading.Event()
+    ranges = []
+
+    class CancelMidway(HubRequestHandler):
+        def send_body(self, f, length, filename):
+            ranges.append(self.headers.get("Range"))
+            if self.headers.get("Range") is None:
+                half = length // 2
+                self.wfile.write(f.read(half))
+                self.wfile.flush()
+                cancel.set()  # before the rest goes out: the transfer sees it at its next step
+                return super().send_body(f, length - half, filename)
+            super().send_body(f, length, filename)
+
+    data = (published.folder / "model.safetensors").read_bytes()
+    dest, part = tmp_path / "weights", tmp_path / "weights.incomplete"
+    with serve_background(published.dir, handler=CancelMidway) as url:
+        file_url = f"{url}/zoo/{NAME}/resolve/main/model.safetensors"
+        with pytest.raises(hub_transfer.Cancelled):
+            hub_transfer.download_verified(file_url, dest, published.files["model.safetensors"], cancel=cancel)
+        kept = part.read_bytes()
+        assert not dest.exists() and 0 < len(kept) and data.startswith(kept)
+        hub_transfer.download_verified(file_url, dest, published.files["model.safetensors"])
+    assert ranges == [None, f"bytes={len(kept)}-"] or (len(kept) == len(data) and ranges[-1] is None)
+    assert dest.read_bytes() == data and not part.exists()
+
+
+@pytest.mark.parametrize("filename,kind", [("model.safetensors", "splice"), ("model.safetensors", "readinto"),
+                                           ("config.yaml", "splice")])  # a small file: read, hashed, written at once
+@pytest.mark.parametrize("prefix", ["right", "wrong"])
+def test_a_pull_resumes_an_incomplete_download(published, hf_home, monkeypatch, filename, kind, prefix):
+    """A .incomplete blob left by an earlier pull is resumed with a Range request and verified with its prefix:
+    a wrong prefix fails the checksum, and is deleted so that the next pull starts over."""
+    use_transfer(kind, monkeypatch)
+    monkeypatch.setattr(Recording, "filename", filename)
+    data = (published.folder / filename).read_bytes()
+    good_sha, half = published.files[filename], len(data) // 2
+    blobs = hf_home / "hub" / f"models--zoo--{NAME}" / "blobs"
+    blobs.mkdir(parents=True)
+    part = blobs / f"{good_sha}.incomplete"
+    part.write_bytes(data[:half] if prefix == "right" else bytes(half))
+    Recording.ranges = []
+    with serve_background(published.dir, handler=Recording) as url:
+        if prefix == "right":
+            assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
+            assert Recording.ranges == [f"bytes={half}-"]
+        else:
+            with pytest.raises(hub.ChecksumError) as e:
+                hub.pull(NAME, endpoint=url, index=published.index)
+            bad_sha = hashlib.sha256(bytes(half) + data[half:]).hexdigest()
+            assert str(e.value) == mismatch(url, filename, good_sha, bad_sha)
+            assert not part.exists() and not (blobs / good_sha).exists()
+            assert not os.path.lexists(snapshot_of(hf_home) / published.commit / filename)
+            assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
+            assert Recording.ranges == [f"bytes={half}-", None]
+    assert not part.exists()
+
+
+class Truncating(HubRequestHandler):
+    """Announces the whole weights (or the range asked for) but leaves out their last 1000 bytes."""
+
+    def send_body(self, f, length, filename):
+        if filename != "model.safetensors":
+            return super().send_body(f, length, filename)
+        Recording.ranges.append(self.headers.get("Range"))
+        self.wfile.write(f.read(max(0, length - 1000)))
+        self.wfile.flush()
+
+
+def test_a_truncated_download_fails_clearly_and_the_next_pull_resumes_it(published, hf_home):
+    data = (published.folder / "model.safetensors").read_bytes()
+    good_sha, sent = published.files["model.safetensors"], len(data) - 1000
+    part = hf_home / "hub" / f"models--zoo--{NAME}" / "blobs" / f"{good_sha}.incomplete"
+    Recording.ranges = []
+    with serve_background(published.dir, handler=Truncating) as url:
+        with pytest.raises(hub.HubError) as e:
+            hub.pull(NAME, endpoint=url, index=published.index)
+    assert str(e.value) == (f"downloading zoo/{NAME}/model.safetensors from {url} broke off: the connection closed "
+                            f"after {sent} of {len(data)} bytes, which are kept in {part} for the next pull to resume; "
+                            "run the pull again")
+    assert Recording.ranges == [None, f"bytes={sent}-"]  # retried in the call; the second answer brought nothing
+    assert part.read_bytes() == data[:sent]
+    assert not os.path.lexists(snapshot_of(hf_home) / published.commit / "model.safetensors")
+    Recording.ranges = []
+    with serve_background(published.dir, handler=Recording) as url:
+        assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
+    assert Recording.ranges == [f"bytes={sent}-"] and not part.exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # pull: a dropped connection, a corrupted file, errors
 # ---------------------------------------------------------------------------------------------
@@ -249,19 +551,16 @@ class DropOnce(HubRequestHandler):
         super().send_body(f, length, filename)
 
 
-@pytest.mark.parametrize("chunk", [64 * 1024, None])
-def test_pull_resumes_after_the_server_drops_the_connection(published, hf_home, monkeypatch, chunk):
-    """Within one call huggingface_hub retries a broken transfer with a Range request from the last chunk it
-    wrote (chunks of 10 MB by default: a smaller file starts over, which must work too)."""
-    from huggingface_hub import constants
-    if chunk:
-        monkeypatch.setattr(constants, "DOWNLOAD_CHUNK_SIZE", chunk)
+@pytest.mark.parametrize("kind", ["splice", "readinto"])
+def test_pull_resumes_after_the_server_drops_the_connection(published, hf_home, monkeypatch, kind):
+    """Within one call the transfer retries a broken download with a Range request from the last byte it wrote."""
+    use_transfer(kind, monkeypatch)
     DropOnce.dropped, DropOnce.ranges = 0, []
     with serve_background(published.dir, handler=DropOnce) as url:
         path = hub.pull(NAME, endpoint=url, index=published.index)
     half = (published.folder / "model.safetensors").stat().st_size // 2
     assert DropOnce.dropped == 1
-    assert DropOnce.ranges == ([f"bytes={half // chunk * chunk}-"] if chunk else [])
+    assert DropOnce.ranges == [f"bytes={half}-"]
     assert_pulled(path, published, hf_home)
     assert not [p for p in blobs_of(hf_home) if p.name.endswith(".incomplete")]
 
@@ -288,27 +587,49 @@ def test_corrupted_file_fails_and_leaves_nothing_bad_in_the_cache(published, hf_
         server.shutdown()
         server.server_close()
     good_sha = published.files["model.safetensors"]
-    assert str(e.value) == (
-        f"checksum mismatch for zoo/{NAME}/model.safetensors from {url}: the zoo's index has sha256 {good_sha}, "
-        f"the download has {bad_sha}; the bad file was removed from the cache (the hub or the transfer is corrupt; "
-        "pull again, or check the hub's files with `sha256sum -c checksums.sha256`)")
+    assert str(e.value) == mismatch(url, "model.safetensors", good_sha, bad_sha)
     snapshot = snapshot_of(hf_home) / published.commit
     assert not (snapshot / "model.safetensors").exists() and not (snapshot / "model.safetensors").is_symlink()
     assert all(hashlib.sha256(p.read_bytes()).hexdigest() != bad_sha for p in blobs_of(hf_home))
-    assert bad_sha not in [p.name for p in blobs_of(hf_home)]
+    names = [p.name for p in blobs_of(hf_home)]
+    assert bad_sha not in names and good_sha not in names and f"{good_sha}.incomplete" not in names
     # and the next pull from a good hub repairs it
     with serve_background(published.dir) as url:
         assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
 
 
-def test_a_hub_on_another_commit_than_the_index_is_refused(published, tmp_path):
+def test_a_corrupted_file_in_the_cache_is_evicted_and_pulled_again(published, hf_home):
+    """Files found in the cache are hashed before use; a bad one goes (blob and snapshot entry)."""
+    with serve_background(published.dir) as url:
+        weights = hub.pull(NAME, endpoint=url, index=published.index) / "model.safetensors"
+        blob = Path(os.path.realpath(weights))
+        data = bytearray(blob.read_bytes())
+        data[-1] ^= 1
+        blob.write_bytes(bytes(data))
+        with pytest.raises(hub.ChecksumError) as e:
+            hub.pull(NAME, endpoint=url, index=published.index)
+        assert str(e.value) == mismatch(url, "model.safetensors", published.files["model.safetensors"],
+                                        hashlib.sha256(data).hexdigest())
+        assert not os.path.lexists(weights) and not blob.exists()
+        assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
+
+
+def test_a_hub_on_another_commit_than_the_index_is_refused(published, hf_home):
     index = json.loads(published.index.read_text())
     index[NAME]["revision"] = "0" * 40
     with serve_background(published.dir) as url:
-        with pytest.raises(hub.HubError, match="revision '0{40}' of zoo/tiny-dense-prenorm not found at"):
+        with pytest.raises(hub.HubError) as e:  # the pinned commit, asked for directly
             hub.pull(NAME, endpoint=url, index=index)
-        with pytest.raises(hub.HubError, match=f"is at commit {published.commit}, but the zoo's index pins 0{{40}}"):
+        assert str(e.value) == (f"zoo/{NAME} at {url} has no commit {'0' * 40}, which the zoo's index pins: that hub "
+                                "serves other files than the index records; pass the index that goes with its files "
+                                "(index=FILE / --index FILE)")
+        repo = hf_home / "hub" / f"models--zoo--{NAME}"
+        assert not list((repo / "blobs").iterdir()) and not (repo / "snapshots").exists()  # nothing left behind
+        with pytest.raises(hub.HubError) as e:  # another revision: resolved by the hub, then compared
             hub.pull(NAME, endpoint=url, revision="main", index=index)
+        assert str(e.value) == (f"zoo/{NAME} at {url} is at commit {published.commit}, but the zoo's index pins "
+                                f"{'0' * 40}: that hub serves other files than the index records; pass the index that "
+                                "goes with them (index=FILE / --index FILE)")
 
 
 class Always500(HubRequestHandler):
@@ -406,43 +727,54 @@ def test_other_malformed_inputs(published, tmp_path, capsys):
 # two processes, one cache
 # ---------------------------------------------------------------------------------------------
 class Gate(HubRequestHandler):
-    """Holds the first download of the weights until a second client has asked for them too, so the two
-    pulls overlap for certain (with a time limit, so a failure cannot hang the suite)."""
+    """Holds the download of the weights until the other pull waits on the cache's lock for them, so the
+    two pulls overlap for certain (with a time limit, so a failure cannot hang the suite)."""
 
-    lock = threading.Lock()
-    heads = 0
     gets: list[str] = []
-    both_asked = threading.Event()
+    downloading = threading.Event()
+    other_waits = threading.Event()
     overlapped = False
-
-    def _handle(self, head):
-        if head and self.path.endswith("/model.safetensors"):
-            with Gate.lock:
-                Gate.heads += 1
-                if Gate.heads >= 2:
-                    Gate.both_asked.set()
-        super()._handle(head)
 
     def send_body(self, f, length, filename):
         Gate.gets.append(filename)
         if filename == "model.safetensors":
-            Gate.overlapped = Gate.both_asked.wait(60)
+            Gate.downloading.set()
+            Gate.overlapped = Gate.other_waits.wait(60)
         super().send_body(f, length, filename)
 
 
-def test_two_processes_pull_the_same_variant_at_once(published, hf_home, subprocess_env):
-    Gate.heads, Gate.gets, Gate.overlapped = 0, [], False
-    Gate.both_asked.clear()
+def test_two_processes_pull_the_same_variant_at_once(published, hf_home, subprocess_env, monkeypatch):
+    """A `zoo pull` process downloads the weights; this process pulls meanwhile, waits on huggingface_hub's lock
+    file for that blob, and then links the blob instead of downloading it again."""
+    from filelock import FileLock, Timeout
+
+    from zoo import hub_transfer
+
+    class Watched(FileLock):
+        def acquire(self, timeout=None, *args, **kwargs):
+            try:
+                return super().acquire(0)
+            except Timeout:
+                Gate.other_waits.set()
+                return super().acquire(timeout, *args, **kwargs)
+
+    monkeypatch.setattr(hub_transfer, "FileLock", Watched)
+    Gate.gets, Gate.overlapped = [], False
+    Gate.downloading.clear()
+    Gate.other_waits.clear()
     env = subprocess_env(HF_HOME=str(hf_home), HF_HUB_DISABLE_PROGRESS_BARS="1")
     with serve_background(published.dir, handler=Gate) as url:
         cmd = [ZOO, "pull", NAME, "--endpoint", url, "--index", str(published.index)]
-        procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-        outs = [p.communicate(timeout=120) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err
-        assert out.strip() == str(snapshot_of(hf_home) / published.commit)
-    assert Gate.overlapped  # the second pull asked for the weights while the first was downloading them
-    assert Gate.gets.count("model.safetensors") == 1  # ... then waited on huggingface_hub's lock and reused the blob
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            started = Gate.downloading.wait(120)
+            path = hub.pull(NAME, endpoint=url, index=published.index) if started else None
+        finally:
+            out, err = proc.communicate(timeout=120)
+    assert started and proc.returncode == 0, err
+    assert out.strip() == str(path) == str(snapshot_of(hf_home) / published.commit)
+    assert Gate.overlapped  # this pull came for the weights while the other process was downloading them
+    assert Gate.gets.count("model.safetensors") == 1  # ... then waited on the lock and reused the blob
     assert_pulled(snapshot_of(hf_home) / published.commit, published, hf_home)
     blobs = blobs_of(hf_home)
     assert sorted(p.name for p in blobs) == sorted({*published.files.values(),

@@ -404,7 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default: 8765; 0 takes any free one)")
     p.add_argument("--quiet", action="store_true", help="do not log each request to stderr")
 
-    p = add("pull", cmd_pull, "Download a published variant through huggingface_hub into the HF cache (HF_HOME, "
+    p = add("pull", cmd_pull, "Download a published variant into huggingface_hub's cache (HF_HOME, "
             "HF_HUB_OFFLINE honoured), verify each file's sha256, and print the snapshot folder.")
     p.add_argument("name", help="variant name, e.g. tiny-dense-hybridnorm")
     p.add_argument("--endpoint", metavar="URL", default=None, help="hub URL (default: $ZOO_ENDPOINT, else the zoo's "

@@ -5,9 +5,18 @@
   it also records the files' sha256 and the commit id in a zoo index.
 - ``serve(DIR)`` / ``serve_background(DIR)`` (zoo/hub_server.py) serve such folders on loopback with
   the HF Hub resolve protocol, as repositories ``zoo/<variant>``.
-- ``pull(NAME)`` downloads through ``huggingface_hub.hf_hub_download`` into the standard HF cache
-  (``HF_HOME`` / ``HF_HUB_CACHE``; its locks, its in-call resume with Range requests, its progress bars,
-  offline mode with ``HF_HUB_OFFLINE=1``), then checks every file's sha256 before anything loads it.
+- ``pull(NAME)`` fills the standard HF cache (``HF_HOME`` / ``HF_HUB_CACHE``). For a variant the index
+  pins (its commit and every file's sha256 known, ``checksums.sha256``'s too), every file comes through
+  the zoo's own streaming transfer (zoo/hub_transfer.py) at the pinned commit, with no request to the hub
+  before it. For other variants, and for another revision than the pinned one,
+  ``huggingface_hub.hf_hub_download`` resolves the revision (writing ``refs/``) and fetches
+  ``checksums.sha256``, and the transfer fetches the rest. The transfer fetches a pull's files at once
+  (a few threads, the weights first; when one fails the others stop, keeping their bytes for a resume),
+  hashes while it downloads, resumes with Range requests, and places the blob and its snapshot symlink in
+  huggingface_hub's layout under huggingface_hub's lock. In offline mode (``HF_HUB_OFFLINE=1``) everything
+  comes from the cache, ``checksums.sha256`` through ``hf_hub_download``. No file is used before its
+  sha256 matched: files already in the cache, or fetched by huggingface_hub, are hashed after the
+  download; the transfer's own are verified before they enter the cache.
 
 Which sha256 a pulled file must have: the zoo's index (``plugins/hub/index.json``, shipped with the
 package) for the variants it lists, which also pins their commit; for other variants, the
@@ -24,21 +33,26 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import platform
 import re
 import shutil
 import tempfile
+import threading
 import uuid
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from .hub_server import (CHECKSUMS, COMMIT_RE, NAMESPACE, SHA256_RE, HubError, HubServer, check_filename,
                          commit_id, format_checksums, parse_checksums, serve, serve_background, sha256_file)
+from .hub_transfer import CacheRepo, Cancelled, ChecksumError, TruncatedError, download_to_cache
 
 __all__ = ["HubError", "ChecksumError", "HubServer", "publish", "serve", "serve_background", "pull",
            "load_pretrained", "load_index", "embedded_hub", "hub_cache_dir", "INDEX_NAME"]
 
 INDEX_NAME = "index.json"
 WEIGHTS = "model.safetensors"
+WORKERS = 4  # files of one pull downloaded at once
 UNTRAINED_NOTE = ("The weights published here are **untrained**: freshly initialized by `zoo.build(\"{name}\")` with "
                   "`torch.manual_seed({seed})`, so that publish, serve and pull work end to end before the zoo's "
                   "training recipe lands. They check the plumbing; they are not a language model.")
@@ -47,10 +61,6 @@ CHECKPOINT_NOTE = ("The weights published here come from the zoo checkpoint `{so
 RESULTS_NOTE = ("The weights published here come from the zoo checkpoint `{source}`, trained by the zoo's recipe: "
                 "{recipe}. Its own measured numbers are under Results.")
 _REVISION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
-
-
-class ChecksumError(HubError):
-    """A pulled file's sha256 is not the one recorded for it; the file was removed from the cache."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,12 +242,15 @@ def _status(e: BaseException) -> Optional[int]:
 
 
 class _Pull:
-    """One pull: where from, what to check, and the translation of huggingface_hub's errors."""
+    """One pull: where from, what to check, and the translation of huggingface_hub's and urllib's errors."""
 
     def __init__(self, name: str, revision: str, endpoint: Optional[str], where: str, cache: Path, offline: bool):
+        from . import __version__
         self.name, self.revision, self.endpoint, self.where, self.cache, self.offline = (
             name, revision, endpoint, where, cache, offline)
         self.repo_id = f"{NAMESPACE}/{name}"
+        self.pinned = False  # fetching at the commit the index pins, without asking the hub for it
+        self.headers = {"User-Agent": f"hybridnorm-zoo/{__version__}; python/{platform.python_version()}"}
 
     def download(self, filename: str, revision: str) -> Path:
         from huggingface_hub import hf_hub_download
@@ -253,10 +266,91 @@ class _Pull:
                 raise
             raise error from None
 
+    def fetch(self, repo: CacheRepo, filename: str, sha256: str,
+              cancel: Optional[threading.Event] = None) -> tuple[Path, bool]:
+        """A file of ``repo``'s commit and whether it is verified already: from the cache if it is there (offline,
+        through ``hf_hub_download``, which says what is missing), else through the zoo's verified transfer."""
+        from huggingface_hub import hf_hub_url
+        pointer = repo.pointer(filename)
+        if pointer.exists():
+            return pointer, False
+        if self.offline:
+            return self.download(filename, repo.commit), False
+        url = hf_hub_url(self.repo_id, filename, revision=repo.commit, endpoint=self.endpoint)
+        try:
+            return download_to_cache(url, repo, filename, sha256, headers=self.headers, cancel=cancel)
+        except (ChecksumError, Cancelled):
+            raise
+        except Exception as e:
+            error = self.translate(e, filename, repo.commit)
+            if error is None:
+                raise
+            raise error from None
+
+    def fetch_all(self, repo: CacheRepo, files: dict[str, str], bad: list[tuple[str, str, str]]) -> dict[str, Path]:
+        """Fetch ``files`` {name: sha256} at once, the weights first (they take longest); returns those not
+        verified on the way in. A checksum mismatch goes to ``bad``; any other failure stops the other downloads
+        (their bytes kept for a resume) and is raised once all have stopped: the first file's, in that order."""
+        order = sorted(files, key=lambda f: (not f.endswith(".safetensors"), f))
+        if not order:
+            return {}
+        cancel = threading.Event()
+        got: dict[str, tuple[Path, bool]] = {}
+        mismatched: dict[str, ChecksumError] = {}
+        errors: dict[str, BaseException] = {}
+        with ThreadPoolExecutor(min(WORKERS, len(order)), thread_name_prefix=f"pull {self.name}") as pool:
+            futures = {pool.submit(self.fetch, repo, f, files[f], cancel): f for f in order}
+            try:
+                for future in as_completed(futures):
+                    if future.cancelled():
+                        continue
+                    filename, error = futures[future], future.exception()
+                    if error is None:
+                        got[filename] = future.result()
+                    elif isinstance(error, ChecksumError):  # the transfer already deleted it
+                        mismatched[filename] = error
+                    elif not isinstance(error, Cancelled):
+                        errors[filename] = error
+                        cancel.set()
+                        for f in futures:
+                            f.cancel()
+            except BaseException:  # Ctrl-C: stop the downloads rather than wait for them
+                cancel.set()
+                for f in futures:
+                    f.cancel()
+                raise
+        if errors:
+            raise errors[next(f for f in order if f in errors)]
+        bad.extend((f, mismatched[f].expected, mismatched[f].actual) for f in order if f in mismatched)
+        return {f: got[f][0] for f in order if f in got and not got[f][1]}
+
     def translate(self, e: Exception, filename: str, revision: str) -> Optional[HubError]:
+        import urllib.error
+
         from huggingface_hub import errors as hf
 
         what = f"{self.repo_id}/{filename}"
+        if isinstance(e, urllib.error.HTTPError):  # the zoo's transfer
+            code = e.headers.get("X-Error-Code") if e.headers is not None else None
+            if code == "RevisionNotFound" and self.pinned:
+                return HubError(f"{self.repo_id} at {self.where} has no commit {revision}, which the zoo's index pins: "
+                                "that hub serves other files than the index records; pass the index that goes with "
+                                "its files (index=FILE / --index FILE)")
+            if code == "RevisionNotFound":
+                return HubError(f"revision {revision!r} of {self.repo_id} not found at {self.where} (HTTP {e.code}); "
+                                "that hub serves 'main' and its current commit")
+            if code == "RepoNotFound":
+                return HubError(f"{self.repo_id} not found at {self.where} (HTTP {e.code}): that hub has no such "
+                                f"repository; check the name, or publish it there with `zoo publish {self.name} --to DIR`")
+            if e.code == 404 and code in (None, "EntryNotFound"):
+                return HubError(f"file {filename!r} of {self.repo_id} (revision {revision}) not found at {self.where} (HTTP 404)")
+            return HubError(f"the hub at {self.where} answered HTTP {e.code} for {what}: {_first_line(e)}")
+        if isinstance(e, urllib.error.URLError):
+            reason = _first_line(e.reason) if isinstance(e.reason, BaseException) else str(e.reason)
+            return HubError(f"cannot reach the hub at {self.where} ({reason}) and {what} is not cached; check "
+                            "--endpoint / ZOO_ENDPOINT (`zoo serve DIR` starts a hub), or unset both to use the embedded hub")
+        if isinstance(e, TruncatedError):
+            return HubError(f"downloading {what} from {self.where} broke off: {e}; run the pull again")
         if isinstance(e, hf.HFValidationError):
             return HubError(f"{self.repo_id} cannot be a hub repository id: {_first_line(e)}")
         if isinstance(e, hf.RevisionNotFoundError):
@@ -287,7 +381,7 @@ class _Pull:
             return HubError(f"downloading {what} from {self.where} failed: {_first_line(e)}; run the pull again "
                             "(files already complete stay cached)")
         module = type(e).__module__.split(".")[0]
-        if module in ("httpx", "httpx2", "requests", "urllib3"):  # the transfer broke beyond the client's retries
+        if module in ("httpx", "httpx2", "requests", "urllib3", "http"):  # the transfer broke beyond the client's retries
             return HubError(f"downloading {what} from {self.where} failed: {type(e).__name__}: {_first_line(e)}; "
                             "run the pull again")
         return None
@@ -300,13 +394,14 @@ class _Pull:
         if blob is not None and (repo_folder / "blobs").resolve() in blob.parents:
             blob.unlink(missing_ok=True)
 
-    def verify(self, paths: dict[str, Path], expected: dict[str, str], against: str) -> None:
-        bad = []
-        for filename, want in expected.items():
-            got = sha256_file(paths[filename])
-            if got != want:
-                bad.append((filename, want, got))
-                self.evict(paths[filename])
+    def verify(self, paths: dict[str, Path], expected: dict[str, str], against: str,
+               bad: list[tuple[str, str, str]]) -> None:
+        """Hash ``paths`` (the files not verified while downloading) and fail on any mismatch, ``bad`` included."""
+        for filename, path in paths.items():
+            got = sha256_file(path)
+            if got != expected[filename]:
+                bad.append((filename, expected[filename], got))
+                self.evict(path)
         if bad:
             filename, want, got = bad[0]
             more = f" (and {len(bad) - 1} more: {', '.join(b[0] for b in bad[1:])})" if len(bad) > 1 else ""
@@ -316,24 +411,35 @@ class _Pull:
                                 "`sha256sum -c checksums.sha256`)")
 
     def run(self, entry: Optional[dict[str, Any]]) -> Path:
-        sums = self.download(CHECKSUMS, self.revision)
-        commit = sums.parent.name
-        if entry is not None:
-            if commit != entry["revision"]:
-                raise HubError(f"{self.repo_id} at {self.where} is at commit {commit}, but the zoo's index pins "
-                               f"{entry['revision']}: that hub serves other files than the index records; "
-                               "pass the index that goes with them (index=FILE / --index FILE)")
-            expected = dict(entry["files"])
-            against = "the zoo's index"
+        if (entry is not None and not self.offline and self.revision == entry["revision"]
+                and CHECKSUMS in entry["files"]):
+            # the index pins the commit and every file's sha256, checksums.sha256's too: nothing to ask the hub
+            # first, every file fetched at once
+            self.pinned = True
+            expected, against = dict(entry["files"]), "the zoo's index"
+            repo = CacheRepo(self.cache, self.repo_id, entry["revision"])
+            unverified: dict[str, Path] = {}
+            files = expected
         else:
-            expected = parse_checksums(sums.read_text(), f"{self.repo_id}/{CHECKSUMS} from {self.where}")
-            against = f"{CHECKSUMS} of commit {commit}"
-        paths = {CHECKSUMS: sums}
-        for filename in sorted(expected, key=lambda f: (f.endswith(".safetensors"), f)):
-            if filename != CHECKSUMS:
-                paths[filename] = self.download(filename, commit)
-        self.verify(paths, expected, against)
-        return sums.parent
+            sums = self.download(CHECKSUMS, self.revision)
+            commit = sums.parent.name
+            if entry is not None:
+                if commit != entry["revision"]:
+                    raise HubError(f"{self.repo_id} at {self.where} is at commit {commit}, but the zoo's index pins "
+                                   f"{entry['revision']}: that hub serves other files than the index records; "
+                                   "pass the index that goes with them (index=FILE / --index FILE)")
+                expected = dict(entry["files"])
+                against = "the zoo's index"
+            else:
+                expected = parse_checksums(sums.read_text(), f"{self.repo_id}/{CHECKSUMS} from {self.where}")
+                against = f"{CHECKSUMS} of commit {commit}"
+            repo = CacheRepo(self.cache, self.repo_id, commit)
+            unverified = {CHECKSUMS: sums} if CHECKSUMS in expected else {}
+            files = {f: h for f, h in expected.items() if f != CHECKSUMS}
+        bad: list[tuple[str, str, str]] = []
+        unverified.update(self.fetch_all(repo, files, bad))
+        self.verify(unverified, expected, against, bad)
+        return repo.snapshot
 
 
 def pull(name: str, endpoint: Optional[str] = None, revision: Optional[str] = None, *,
@@ -343,13 +449,15 @@ def pull(name: str, endpoint: Optional[str] = None, revision: Optional[str] = No
     ``endpoint``: a hub URL (``zoo serve`` or any HF-compatible one), else ``ZOO_ENDPOINT``, else the
     embedded hub. ``revision``: default the commit the index pins, else ``main``. ``index``: the zoo
     index to verify against (default the shipped one). ``cache_dir``: default the HF hub cache.
+    At the commit the index pins, every file comes straight from the zoo's transfer, with no request to
+    resolve anything first; any other revision is resolved by ``hf_hub_download`` (see the module doc).
     """
     name = _variant_name(name)
     if revision is not None:
         revision = _check_revision(revision)
     entry = load_index(index).get(name)
     revision = revision or (entry["revision"] if entry else "main")
-    cache = Path(cache_dir) if cache_dir is not None else hub_cache_dir()
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else hub_cache_dir()
     if endpoint is not None:
         endpoint = _check_endpoint(endpoint, "the endpoint argument")
     elif os.environ.get("ZOO_ENDPOINT", "").strip():
