@@ -33,6 +33,7 @@ from .stats import count_params
 
 FORMAT = "hybridnorm-zoo"
 FORMAT_VERSION = "1"
+WEIGHTS_NAME = "model.safetensors"
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors limit
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -190,7 +191,13 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 def _files(path: Path) -> tuple[list[Path], dict[str, str]]:
-    """The shard files of a checkpoint path (file, index, or the file whose index exists)."""
+    """The shard files of a checkpoint path (file, index, the file whose index exists, or a folder holding either)."""
+    if path.is_dir():
+        inside = [path / n for n in (WEIGHTS_NAME, WEIGHTS_NAME + ".index.json") if (path / n).exists()]
+        if not inside:
+            raise CheckpointError(f"{path} is a folder without {WEIGHTS_NAME} or {WEIGHTS_NAME}.index.json; "
+                                  "pass the checkpoint file itself")
+        path = inside[0]
     if path.name.endswith(".index.json"):
         index_path = path
     elif path.suffix == ".safetensors" and not path.exists() and path.with_name(path.name + ".index.json").exists():

@@ -51,12 +51,11 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .checkpoint import split_shards
+from .checkpoint import WEIGHTS_NAME, split_shards
 from .config import ConfigSource, ModelConfig, merge_config
 from .errors import ZooError
 
 CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 HF_SHARD_BYTES = 5 * 1024**3
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
