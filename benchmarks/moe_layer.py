@@ -25,6 +25,8 @@ SHAPES = {  # name: (E, k, H, F, tokens, renormalize, HF family)
     "olmoe": (64, 8, 512, 256, 4096, False, "olmoe"),
     "mixtral": (8, 2, 512, 1024, 4096, True, "mixtral"),
     "tiny": (8, 2, 128, 256, 512, False, "olmoe"),
+    "olmoe-step": (64, 8, 256, 128, 1024, False, "olmoe"),  # the MoE layers of benchmarks/train_step.py
+    "mixtral-step": (8, 2, 256, 512, 1024, True, "mixtral"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -171,7 +173,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
     parser.add_argument("--backends", nargs="+", default=["auto", "fused", "grouped_mm", "loop"],
-                        help="zoo MoE backends to time in fp32 (auto picks fused on CPU)")
+                        help="zoo MoE backends to time in fp32 (auto picks grouped_mm or fused on CPU by expert size)")
     parser.add_argument("--bf16-backends", nargs="+", default=["auto"],
                         help="zoo backends to time in bf16 (grouped_mm and loop run native bf16 matmuls, which take "
                              "minutes on CPUs without bf16 units)")

@@ -6,11 +6,14 @@ one checkpoint loads on every backend:
 
 - ``megablocks``: MegaBlocks' grouped GEMM (``grouped_gemm.ops.gmm``), CUDA and bf16, imported lazily.
 - ``fused``: per-expert matmuls with the gather, gating and scatter fused around them and a
-  hand-written backward; fastest on CPU (benchmarks/moe_layer.py), any device.
-- ``grouped_mm``: ``torch.nn.functional.grouped_mm`` with int32 offsets; any device.
+  hand-written backward; any device.
+- ``grouped_mm``: ``torch.nn.functional.grouped_mm`` with int32 offsets, one call per projection for
+  all experts, and a hand-written backward; any device.
 - ``loop``: one matmul per expert through autograd, the plain reference.
-- ``auto``: megablocks on CUDA where importable; else fused on CPU; else grouped_mm where its
-  limits allow; else loop.
+- ``auto``: megablocks on CUDA where importable. On CPU, fused where an expert's average matmul is
+  large (its per-expert Python loop is then negligible and each expert's intermediates stay in
+  cache), else grouped_mm where its limits allow: benchmarks/moe_layer.py measures both sides of
+  ``FUSED_MIN_MACS``. Elsewhere grouped_mm where its limits allow; else loop.
 """
 from __future__ import annotations
 
@@ -58,7 +61,11 @@ def grouped_mm_supports(dtype: torch.dtype, *dims: int) -> bool:
     return all(d * item % 16 == 0 for d in dims)
 
 
-def resolve_backend(name: str, x: Tensor, hidden: int, ffn: int) -> str:
+FUSED_MIN_MACS = 2**26  # multiply-adds of an average expert's gate matmul, (assignments / E) * H * F
+
+
+def resolve_backend(name: str, x: Tensor, hidden: int, ffn: int, rows_per_expert: float = 0.0) -> str:
+    """The backend that runs: ``name`` unless it is ``auto`` or cannot run here (see the module docstring)."""
     if x.is_meta:
         return "loop"  # counted at perfect balance; grouped_mm's meta kernel wants bf16
     if name == "megablocks":
@@ -67,10 +74,13 @@ def resolve_backend(name: str, x: Tensor, hidden: int, ffn: int) -> str:
         return name
     if name == "auto" and x.is_cuda and x.dtype == torch.bfloat16 and megablocks_gmm() is not None:
         return "megablocks"
-    if name == "fused" or (name == "auto" and x.device.type == "cpu"):
+    grouped_ok = grouped_mm_supports(compute_dtype(x), hidden, ffn)
+    if name == "auto" and x.device.type == "cpu":
+        return "grouped_mm" if grouped_ok and rows_per_expert * hidden * ffn < FUSED_MIN_MACS else "fused"
+    if name == "fused":
         return "fused"
     if name in ("auto", "grouped_mm"):
-        if grouped_mm_supports(x.dtype, hidden, ffn):
+        if grouped_ok:
             return "grouped_mm"
         if name == "grouped_mm":
             _warn_fallback(str(x.dtype), hidden, ffn)
@@ -83,25 +93,58 @@ def _warn_fallback(dtype: str, hidden: int, ffn: int) -> None:
                   "and 16-byte strides); using the loop backend", stacklevel=4)
 
 
-class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous (grouped_mm rejects stride 0)."""
+class _GroupedGLU(torch.autograd.Function):
+    """The ``grouped_mm`` backend whole: gather, expert GLU, gating and scatter, with one grouped GEMM
+    per projection for all experts and a hand-written backward.
+
+    Over autograd's composition it saves the gate weight multiplying the ``(N, H)`` output (it scales
+    the ``(N, F)`` hidden instead: the down projection is linear), the ``index_put`` backward of the
+    gather (an ``index_add_`` scatter instead), and contiguity copies of expanded gradients. GEMMs run
+    in ``compute_dtype`` (fp32 for bf16 on CPUs without bf16 units), as in ``fused``.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.view_as(x)
+    def forward(ctx: Any, x_TH: Tensor, token_N: Tensor, weight_N: Tensor, offs: Tensor,
+                w1_EFH: Tensor, v1_EFH: Tensor, w2_EFH: Tensor) -> Tensor:
+        cdt = compute_dtype(x_TH)
+        w1, v1, w2 = (w.to(cdt) for w in (w1_EFH, v1_EFH, w2_EFH))
+        x_NH = x_TH.index_select(0, token_N).to(cdt)
+        gate = F.grouped_mm(x_NH, w1.transpose(1, 2), offs=offs)
+        up = F.grouped_mm(x_NH, v1.transpose(1, 2), offs=offs)
+        act = F.silu(gate)
+        hw = (act * up).mul_(weight_N.unsqueeze(1).to(cdt))
+        out = torch.zeros(x_TH.shape, dtype=cdt, device=x_TH.device)
+        out.index_add_(0, token_N, F.grouped_mm(hw, w2, offs=offs))
+        ctx.save_for_backward(x_NH, token_N, weight_N, offs, gate, up, act, w1, v1, w2)
+        ctx.dtypes = x_TH.dtype, w1_EFH.dtype
+        return out.to(x_TH.dtype)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad.contiguous()
+    def backward(ctx: Any, dout_TH: Tensor) -> tuple[Optional[Tensor], ...]:
+        x_NH, token_N, weight_N, offs, gate, up, act, w1, v1, w2 = ctx.saved_tensors
+        cdt = gate.dtype
+        w_N1 = weight_N.unsqueeze(1).to(cdt)
+        h = act * up
+        dy_NH = dout_TH.index_select(0, token_N).to(cdt)
+        dhw = F.grouped_mm(dy_NH, w2.transpose(1, 2), offs=offs)
+        dw2 = F.grouped_mm((h * w_N1).t(), dy_NH, offs=offs)
+        dweight_N = (dhw * h).sum(1).to(weight_N.dtype)
+        dh = dhw.mul_(w_N1)
+        d_up = dh * act
+        d_gate = torch.ops.aten.silu_backward(dh.mul_(up), gate)
+        dx_NH = F.grouped_mm(d_gate, w1, offs=offs).add_(F.grouped_mm(d_up, v1, offs=offs))
+        dw1 = F.grouped_mm(d_gate.t(), x_NH, offs=offs)
+        dv1 = F.grouped_mm(d_up.t(), x_NH, offs=offs)
+        dx_TH = torch.zeros(dout_TH.shape, dtype=cdt, device=dout_TH.device).index_add_(0, token_N, dx_NH)
+        xdt, wdt = ctx.dtypes
+        return dx_TH.to(xdt), None, dweight_N, None, dw1.to(wdt), dv1.to(wdt), dw2.to(wdt)
 
 
-def grouped_mm_glu(x: Tensor, counts: Tensor, w1_EFH: Tensor, v1_EFH: Tensor, w2_EFH: Tensor) -> Tensor:
-    """Expert GLU over expert-sorted rows with torch's grouped_mm; ``counts`` rows per expert."""
-    offs = counts.cumsum(0, dtype=torch.int32)
-    gate = F.grouped_mm(x, w1_EFH.transpose(1, 2), offs=offs)
-    up = F.grouped_mm(x, v1_EFH.transpose(1, 2), offs=offs)
-    h = _ContiguousGrad.apply(F.silu(gate) * up)
-    return _ContiguousGrad.apply(F.grouped_mm(h, w2_EFH, offs=offs))
+def grouped_glu_dispatch(x_TH: Tensor, routing: Routing, w1_EFH: Tensor, v1_EFH: Tensor, w2_EFH: Tensor) -> Tensor:
+    """The ``grouped_mm`` backend whole: sort assignments by expert, then ``_GroupedGLU``."""
+    order = torch.argsort(routing.expert, stable=True)
+    offs = torch.bincount(routing.expert, minlength=w1_EFH.shape[0]).cumsum(0, dtype=torch.int32)
+    return _GroupedGLU.apply(x_TH, routing.token[order], routing.weight[order], offs, w1_EFH, v1_EFH, w2_EFH)
 
 
 def loop_glu(x: Tensor, counts: Union[Tensor, Sequence[int]], w1_EFH: Tensor, v1_EFH: Tensor, w2_EFH: Tensor) -> Tensor:
@@ -200,7 +243,8 @@ def megablocks_glu(x: Tensor, counts: Tensor, w1_EFH: Tensor, v1_EFH: Tensor, w2
     return gmm(h, w2_EFH, sizes)
 
 
-GLU_BACKENDS = {"grouped_mm": grouped_mm_glu, "loop": loop_glu, "megablocks": megablocks_glu}
+GLU_BACKENDS = {"loop": loop_glu, "megablocks": megablocks_glu}  # (sorted rows, counts) -> rows
+DISPATCH = {"fused": fused_glu_dispatch, "grouped_mm": grouped_glu_dispatch}  # (tokens, routing) -> tokens
 
 
 class ExpertWeights(nn.Module):
@@ -238,9 +282,9 @@ class Experts(nn.Module):
     def forward(self, x: Tensor, routing: Routing) -> Tensor:
         """``x``: (T, H) tokens; returns (T, H), the gate-weighted sum of each token's experts."""
         E = self.mlp.num_experts
-        backend = resolve_backend(self.backend, x, self.mlp.hidden, self.mlp.ffn)
-        if backend == "fused":
-            return fused_glu_dispatch(x, routing, *self.mlp.views())
+        backend = resolve_backend(self.backend, x, self.mlp.hidden, self.mlp.ffn, routing.expert.numel() / E)
+        if backend in DISPATCH:
+            return DISPATCH[backend](x, routing, *self.mlp.views())
         if x.is_meta:  # FLOP counting: perfect balance
             n = routing.expert.numel()
             counts: Any = [n // E + (e < n % E) for e in range(E)]
