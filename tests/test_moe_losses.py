@@ -15,6 +15,8 @@ import torch
 import zoo
 from zoo.moe import MoEFFN, load_balancing_loss, z_loss
 
+from moe_helpers import build_moe_layer
+
 pytestmark = pytest.mark.usefixtures("registry_unchanged", "one_intra_op_thread")
 
 
@@ -38,11 +40,7 @@ def moe_config(router: str = "topk", options: Any = None, top_k: int = 2, num_ex
 
 
 def make_layer(seed: int = 0, **kw: Any) -> MoEFFN:
-    cfg = moe_config(**kw)
-    torch.manual_seed(seed)
-    layer = MoEFFN(cfg, 0)
-    layer.init_weights(zoo.Init.from_config(cfg))
-    return layer
+    return build_moe_layer(moe_config(**kw), seed)
 
 
 def hf_load_balancing_loss_funcs():

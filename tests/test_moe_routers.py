@@ -16,6 +16,8 @@ import torch.nn.functional as F
 import zoo
 from zoo.moe import MoEFFN, Routing, after_optimizer_step
 
+from moe_helpers import build_moe_layer
+
 pytestmark = pytest.mark.usefixtures("registry_unchanged", "one_intra_op_thread")
 
 
@@ -39,11 +41,7 @@ def moe_config(router: str = "topk", options: Any = None, top_k: int = 2, num_ex
 
 
 def make_layer(seed: int = 0, **kw: Any) -> MoEFFN:
-    cfg = moe_config(**kw)
-    torch.manual_seed(seed)
-    layer = MoEFFN(cfg, 0)
-    layer.init_weights(zoo.Init.from_config(cfg))
-    return layer
+    return build_moe_layer(moe_config(**kw), seed)
 
 
 def tokens(T: int, seed: int = 1, offset: float = 0.0) -> torch.Tensor:
