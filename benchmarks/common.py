@@ -40,17 +40,32 @@ def matmul_peak(dtype: torch.dtype, repeats: int = 5, device: str = "cpu") -> fl
     return best
 
 
-def round_robin(fns: dict[str, Callable[[], Any]], repeats: int, warmups: int = 1, device: str = "cpu") -> dict[str, float]:
-    """Median seconds of each function; every round calls each function once, in turn."""
+def round_robin_samples(fns: dict[str, Callable[[], Any]], repeats: int, warmups: int = 1,
+                        device: str = "cpu") -> dict[str, list[float]]:
+    """Seconds of every timed call. Each round calls each function once, in turn, and every other round
+    reverses the order, so that no contender always runs in the wake of the same other one."""
     for _ in range(warmups):
         for fn in fns.values():
             fn()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
             t = time.perf_counter()
-            fn()
+            fns[name]()
             sync(device)
             times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def round_robin(fns: dict[str, Callable[[], Any]], repeats: int, warmups: int = 1, device: str = "cpu") -> dict[str, float]:
+    """Median seconds of each function, timed by ``round_robin_samples``."""
+    return {name: statistics.median(ts) for name, ts in round_robin_samples(fns, repeats, warmups, device).items()}
+
+
+def paired_ratio(slow: list[float], fast: list[float]) -> dict[str, float]:
+    """``slow / fast`` round by round (the two ran back to back, so a drift in the machine's speed
+    cancels): the median and the quartiles over rounds."""
+    ratios = sorted(s / f for s, f in zip(slow, fast))
+    q = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else ratios * 3
+    return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2]}

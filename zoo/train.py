@@ -66,12 +66,16 @@ def lr_at(step: int, tc: TrainConfig) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW:
-    """Weight decay on matrices except the embedding; gains, biases and scalars undecayed."""
+    """Weight decay on matrices except the embedding; gains, biases and scalars undecayed.
+
+    The fused AdamW kernel (one pass over each tensor) where the parameters' device has it, as
+    transformers' Trainer defaults to: on CPU it takes about a quarter of the foreach step's time."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (decay if p.ndim >= 2 and not name.startswith("embed.") else no_decay).append(p)
+    fused = all(p.device.type in ("cpu", "cuda") for p in (*decay, *no_decay))
     return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                             lr=tc.lr, betas=(tc.beta1, tc.beta2), foreach=True)
+                             lr=tc.lr, betas=(tc.beta1, tc.beta2), **({"fused": True} if fused else {"foreach": True}))
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
