@@ -161,6 +161,20 @@ def test_config_naming_an_unknown_plugin(tmp_path):
         zoo.load(path)
 
 
+@pytest.mark.parametrize("shard_bytes", [None, 100_000])
+def test_a_checkpoint_folder_loads_like_its_file(tmp_path, idx, shard_bytes):
+    torch.manual_seed(0)
+    model = zoo.build("tiny-dense-hybridnorm")
+    kwargs = {"max_shard_bytes": shard_bytes} if shard_bytes else {}
+    zoo.save(model, tmp_path / "ckpt" / "model.safetensors", **kwargs)
+    assert (tmp_path / "ckpt" / ("model.safetensors.index.json" if shard_bytes else "model.safetensors")).exists()
+    torch.testing.assert_close(logits(zoo.load(tmp_path / "ckpt"), idx), logits(model, idx), rtol=0, atol=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=r"empty is a folder without model\.safetensors or model\.safetensors"
+                                              r"\.index\.json; pass the checkpoint file itself"):
+        zoo.load(tmp_path / "empty")
+
+
 def test_missing_file_and_bad_suffix(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         zoo.load(tmp_path / "nope.safetensors")
