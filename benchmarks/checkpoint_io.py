@@ -3,14 +3,15 @@ load and `torch.load`; and how long a cold `zoo pull` from a local `zoo serve` t
 same file and fetching it with a plain HTTP GET from the same server.
 
 The "pull" row pulls a variant that an index pins (published with `index=`), as `zoo.build(name,
-pretrained=True)` pulls the zoo's own variants: every file straight from the zoo's transfer, at once.
-"pull_unindexed" pulls it with no index, as from a third-party hub: huggingface_hub resolves the
-revision and fetches checksums.sha256 first.
+pretrained=True)` pulls the zoo's own variants: every file straight from the zoo's transfer, at once,
+verified against the index's BLAKE3 digests. "pull_unindexed" pulls it with no index, as from a
+third-party hub: huggingface_hub resolves the revision and fetches checksums.sha256 first, and the files
+are verified against its sha256 digests.
 
 Everything is timed round-robin (each round runs every variant once, so a change in the machine's speed
 hits all of them alike), after one untimed warm-up round; the median of the rounds is reported. The page
 cache is warm: every variant reads files that are already in memory, so this compares software costs,
-not disks. A pull starts from an empty HF cache every time and includes its sha256 verification.
+not disks. A pull starts from an empty HF cache every time and includes its verification.
 
     python benchmarks/checkpoint_io.py                     # ~160 MB of fp32 weights, 7 rounds
     python benchmarks/checkpoint_io.py --size large        # ~670 MB (d_model=1024, 8 layers, vocab 32000)
@@ -42,6 +43,7 @@ from safetensors.torch import load_file
 import zoo
 from zoo import hub
 from zoo.hub_server import sha256_file
+from zoo.hub_transfer import new_hash
 
 VARIANT = "tiny-dense-prenorm"
 SIZES = {  # name: config overrides (tied embeddings, as the variant has them)
@@ -225,7 +227,8 @@ def bench_pull(path: Path, work: Path, repeats: int) -> dict[str, Any]:
             "pull_unindexed": pull_unindexed,
             "hf_hub_download_weights": hf_download,
             "hf_hub_download_weights_64k_chunks": lambda: hf_download(64 * 1024),
-            "sha256_weights": lambda: sha256_file(src),
+            "sha256_weights": lambda: digest_file(src, "sha256"),
+            "blake3_weights": lambda: digest_file(src, "blake3"),
         }
         times = round_robin(fns, repeats, after=lambda: shutil.rmtree(work / "scratch", ignore_errors=True))
         verified = all(sha256_file(fn() / hub.WEIGHTS) == sha256_file(src) for fn in (pull, pull_unindexed))
@@ -234,6 +237,15 @@ def bench_pull(path: Path, work: Path, repeats: int) -> dict[str, Any]:
         shutil.rmtree(work / "scratch", ignore_errors=True)
     return {"url": url, "file_bytes": nbytes, "hf_download_chunk_bytes": constants.DOWNLOAD_CHUNK_SIZE,
             "pulled_bytes_match": verified, "variants": {n: summary(t, nbytes) for n, t in times.items()}}
+
+
+def digest_file(path: Path, algorithm: str) -> str:
+    """A file's digest on one core, read 1 MiB at a time into one buffer (as hashlib.file_digest reads)."""
+    h, buf = new_hash(algorithm), bytearray(1 << 20)
+    with open(path, "rb", buffering=0) as f, memoryview(buf) as view:
+        while n := f.readinto(buf):
+            h.update(view[:n])
+    return h.hexdigest()
 
 
 def ratios(load: dict[str, Any], pull: dict[str, Any]) -> dict[str, float]:
@@ -247,7 +259,8 @@ def ratios(load: dict[str, Any], pull: dict[str, Any]) -> dict[str, float]:
             "pull_unindexed_vs_copy": med(pv, "pull_unindexed") / med(pv, "copy"),
             "http_get_vs_copy": med(pv, "http_get") / med(pv, "copy"),
             "hf_download_vs_http_get": med(pv, "hf_hub_download_weights") / med(pv, "http_get"),
-            "sha256_vs_copy": med(pv, "sha256_weights") / med(pv, "copy")}
+            "sha256_vs_copy": med(pv, "sha256_weights") / med(pv, "copy"),
+            "blake3_vs_copy": med(pv, "blake3_weights") / med(pv, "copy")}
 
 
 LABELS = {
@@ -266,6 +279,7 @@ LABELS = {
     "hf_hub_download_weights": "  hf_hub_download(weights) alone",
     "hf_hub_download_weights_64k_chunks": "  same, hf chunk 64 KiB (what-if)",
     "sha256_weights": "  sha256 of the weights",
+    "blake3_weights": "  BLAKE3 of the weights",
 }
 
 
@@ -295,8 +309,9 @@ def report(results: dict[str, Any]) -> str:
     for goal in results["goals"].values():
         lines.append(f"  {goal['what']:28s} {goal['ratio']:6.2f}  {goal['op']} {goal['limit']:<4}  {'PASS' if goal['pass'] else 'FAIL'}")
     pv, r = pull["variants"], results["ratios"]
-    lines.append(f"zoo pull: indexed (the index pins it, as for the zoo's own variants) {pv['pull']['median_ms']:.1f} ms, "
-                 f"{r['pull_vs_copy']:.2f}x copy; unindexed (checksums.sha256 through huggingface_hub first) "
+    lines.append(f"zoo pull: indexed (the index pins it, as for the zoo's own variants; BLAKE3-verified) "
+                 f"{pv['pull']['median_ms']:.1f} ms, {r['pull_vs_copy']:.2f}x copy; unindexed (checksums.sha256 through "
+                 "huggingface_hub first; sha256-verified) "
                  f"{pv['pull_unindexed']['median_ms']:.1f} ms, {r['pull_unindexed_vs_copy']:.2f}x copy")
     lines.append("other ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in results["ratios"].items() if k not in GOALS))
     lines.append(f"weights equal after zoo.load: {load['weights_equal']}; pulled bytes match (both pulls): "

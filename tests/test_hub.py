@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from blake3 import blake3
 from safetensors.torch import load_file
 
 import zoo
@@ -48,8 +49,13 @@ def published(tmp_path_factory):
     index = root.parent / f"{root.name}-index.json"
     folder = hub.publish(NAME, root / "hub", index=index)
     sums = (folder / CHECKSUMS).read_bytes()
+    files = parse_checksums(sums.decode(), "test")
     return types.SimpleNamespace(dir=root / "hub", folder=folder, index=index, commit=hashlib.sha1(sums).hexdigest(),
-                                 files=parse_checksums(sums.decode(), "test"))
+                                 files=files, blake3={f: b3(folder / f) for f in [*files, CHECKSUMS]})
+
+
+def b3(path: Path) -> str:
+    return blake3(path.read_bytes()).hexdigest()
 
 
 def snapshot_of(hf_home: Path, name: str = NAME) -> Path:
@@ -66,8 +72,8 @@ def assert_pulled(path: Path, published, hf_home: Path) -> None:
         assert (path / filename).read_bytes() == (published.folder / filename).read_bytes(), filename
 
 
-def mismatch(url: str, filename: str, want: str, got: str) -> str:
-    return (f"checksum mismatch for zoo/{NAME}/{filename} from {url}: the zoo's index has sha256 {want}, the download has "
+def mismatch(url: str, filename: str, want: str, got: str, algorithm: str = "blake3") -> str:
+    return (f"checksum mismatch for zoo/{NAME}/{filename} from {url}: the zoo's index has {algorithm} {want}, the download has "
             f"{got}; the bad file was removed from the cache (the hub or the transfer is corrupt; pull again, or check "
             "the hub's files with `sha256sum -c checksums.sha256`)")
 
@@ -145,7 +151,8 @@ def test_publish_writes_an_hf_style_repository(published):
     assert model.variant == NAME
     index = json.loads(published.index.read_text())
     assert index == {NAME: {"revision": published.commit, "files": {
-        **published.files, CHECKSUMS: hashlib.sha256((folder / CHECKSUMS).read_bytes()).hexdigest()}}}
+        **published.files, CHECKSUMS: hashlib.sha256((folder / CHECKSUMS).read_bytes()).hexdigest()},
+        "blake3": published.blake3}}
 
 
 def test_publish_a_checkpoint_under_a_name(tmp_path):
@@ -289,8 +296,8 @@ def test_pull_places_verified_files_in_the_hf_cache_layout(published, hf_home, m
     huggingface_hub finds them offline; each file hashed once, while it downloaded."""
     handler = use_transfer(kind, monkeypatch)
     hashed = []
-    real = hub.sha256_file
-    monkeypatch.setattr(hub, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
+    real = hub.file_digest
+    monkeypatch.setattr(hub, "file_digest", lambda path, algorithm: hashed.append(Path(path).name) or real(path, algorithm))
     with serve_background(published.dir, handler=handler) as url:
         path = hub.pull(NAME, endpoint=url, index={})  # revision main, verified against the served checksums
     assert_pulled(path, published, hf_home)
@@ -356,6 +363,22 @@ class HoldWeights(HubRequestHandler):
                 HoldWeights.others_sent.set()
 
 
+def test_an_indexed_pull_checks_blake3_and_a_third_party_one_sha256(published, hf_home, monkeypatch):
+    """Each file is hashed once, on the way in: with the index's BLAKE3 digests where it has them, else with the
+    sha256 of the checksums.sha256 served (which, fetched by huggingface_hub, is the reference there)."""
+    from zoo import hub_transfer
+    used = []
+    real = hub_transfer.new_hash
+    monkeypatch.setattr(hub_transfer, "new_hash", lambda algorithm, data=b"": used.append(algorithm) or real(algorithm, data))
+    with serve_background(published.dir) as url:
+        assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
+        assert used == ["blake3"] * 4
+        shutil.rmtree(hf_home / "hub")
+        used.clear()
+        assert_pulled(hub.pull(NAME, endpoint=url, index={}), published, hf_home)
+        assert used == ["sha256"] * 3
+
+
 def test_a_pull_fetches_its_files_at_once(published, hf_home):
     HoldWeights.sent, HoldWeights.overlapped = 0, False
     HoldWeights.others_sent.clear()
@@ -372,23 +395,24 @@ def test_small_files_are_read_hashed_and_written_without_a_thread_or_a_map(publi
 
     from zoo import hub_transfer
     use_transfer(kind, monkeypatch)
-    threads, maps = [], []
+    hashers, maps = [], []
 
     class Hasher(hub_transfer._Hasher):
-        def __init__(self, path):
-            threads.append(path.name)
-            super().__init__(path)
+        def __init__(self, path, algorithm):
+            hashers.append(path.name)
+            super().__init__(path, algorithm)
 
     def mapping(fd, *args, **kwargs):
         maps.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
         return mmap.mmap(fd, *args, **kwargs)
 
     monkeypatch.setattr(hub_transfer, "_Hasher", Hasher)
-    monkeypatch.setattr(hub_transfer, "mmap", types.SimpleNamespace(mmap=mapping, ACCESS_READ=mmap.ACCESS_READ))
+    monkeypatch.setattr(hub_transfer, "mmap", types.SimpleNamespace(mmap=mapping, ACCESS_READ=mmap.ACCESS_READ,
+                                                                     ALLOCATIONGRANULARITY=mmap.ALLOCATIONGRANULARITY))
     with serve_background(published.dir) as url:
         assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
     weights = f"{published.files['model.safetensors']}.incomplete"
-    assert threads == [weights] and maps and set(maps) == {weights}
+    assert hashers == [weights] and maps and set(maps) == {weights}
 
 
 class FailReadme(HubRequestHandler):
@@ -477,7 +501,7 @@ def test_a_pull_resumes_an_incomplete_download(published, hf_home, monkeypatch, 
     use_transfer(kind, monkeypatch)
     monkeypatch.setattr(Recording, "filename", filename)
     data = (published.folder / filename).read_bytes()
-    good_sha, half = published.files[filename], len(data) // 2
+    good_sha, good_b3, half = published.files[filename], published.blake3[filename], len(data) // 2
     blobs = hf_home / "hub" / f"models--zoo--{NAME}" / "blobs"
     blobs.mkdir(parents=True)
     part = blobs / f"{good_sha}.incomplete"
@@ -490,8 +514,7 @@ def test_a_pull_resumes_an_incomplete_download(published, hf_home, monkeypatch, 
         else:
             with pytest.raises(hub.ChecksumError) as e:
                 hub.pull(NAME, endpoint=url, index=published.index)
-            bad_sha = hashlib.sha256(bytes(half) + data[half:]).hexdigest()
-            assert str(e.value) == mismatch(url, filename, good_sha, bad_sha)
+            assert str(e.value) == mismatch(url, filename, good_b3, blake3(bytes(half) + data[half:]).hexdigest())
             assert not part.exists() and not (blobs / good_sha).exists()
             assert not os.path.lexists(snapshot_of(hf_home) / published.commit / filename)
             assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
@@ -565,12 +588,22 @@ def test_pull_resumes_after_the_server_drops_the_connection(published, hf_home, 
     assert not [p for p in blobs_of(hf_home) if p.name.endswith(".incomplete")]
 
 
-def test_corrupted_file_fails_and_leaves_nothing_bad_in_the_cache(published, hf_home, tmp_path):
+def index_verifying_with(published, algorithm: str) -> dict:
+    """The test index as written (BLAKE3 digests checked), or as zoo versions before BLAKE3 wrote it (sha256)."""
+    index = json.loads(published.index.read_text())
+    if algorithm == "sha256":
+        del index[NAME]["blake3"]
+    return index
+
+
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_corrupted_file_fails_and_leaves_nothing_bad_in_the_cache(published, hf_home, tmp_path, algorithm):
     bad = tmp_path / "corrupt.safetensors"
     data = bytearray((published.folder / "model.safetensors").read_bytes())
     data[-10:] = bytes(10)  # same size, other weights
     bad.write_bytes(bytes(data))
     bad_sha = hashlib.sha256(data).hexdigest()
+    index = index_verifying_with(published, algorithm)
 
     class Corrupting(HubServer):
         def file_path(self, repo, filename):
@@ -582,12 +615,14 @@ def test_corrupted_file_fails_and_leaves_nothing_bad_in_the_cache(published, hf_
     url = server.url
     try:
         with pytest.raises(hub.ChecksumError) as e:
-            hub.pull(NAME, endpoint=url, index=published.index)
+            hub.pull(NAME, endpoint=url, index=index)
     finally:
         server.shutdown()
         server.server_close()
     good_sha = published.files["model.safetensors"]
-    assert str(e.value) == mismatch(url, "model.safetensors", good_sha, bad_sha)
+    want, got = ((published.blake3["model.safetensors"], blake3(data).hexdigest()) if algorithm == "blake3"
+                 else (good_sha, bad_sha))
+    assert str(e.value) == mismatch(url, "model.safetensors", want, got, algorithm)
     snapshot = snapshot_of(hf_home) / published.commit
     assert not (snapshot / "model.safetensors").exists() and not (snapshot / "model.safetensors").is_symlink()
     assert all(hashlib.sha256(p.read_bytes()).hexdigest() != bad_sha for p in blobs_of(hf_home))
@@ -598,20 +633,23 @@ def test_corrupted_file_fails_and_leaves_nothing_bad_in_the_cache(published, hf_
         assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
 
 
-def test_a_corrupted_file_in_the_cache_is_evicted_and_pulled_again(published, hf_home):
+@pytest.mark.parametrize("algorithm", ["blake3", "sha256"])
+def test_a_corrupted_file_in_the_cache_is_evicted_and_pulled_again(published, hf_home, algorithm):
     """Files found in the cache are hashed before use; a bad one goes (blob and snapshot entry)."""
+    index = index_verifying_with(published, algorithm)
     with serve_background(published.dir) as url:
-        weights = hub.pull(NAME, endpoint=url, index=published.index) / "model.safetensors"
+        weights = hub.pull(NAME, endpoint=url, index=index) / "model.safetensors"
         blob = Path(os.path.realpath(weights))
         data = bytearray(blob.read_bytes())
         data[-1] ^= 1
         blob.write_bytes(bytes(data))
         with pytest.raises(hub.ChecksumError) as e:
-            hub.pull(NAME, endpoint=url, index=published.index)
-        assert str(e.value) == mismatch(url, "model.safetensors", published.files["model.safetensors"],
-                                        hashlib.sha256(data).hexdigest())
+            hub.pull(NAME, endpoint=url, index=index)
+        want, got = ((published.blake3["model.safetensors"], blake3(data).hexdigest()) if algorithm == "blake3"
+                     else (published.files["model.safetensors"], hashlib.sha256(data).hexdigest()))
+        assert str(e.value) == mismatch(url, "model.safetensors", want, got, algorithm)
         assert not os.path.lexists(weights) and not blob.exists()
-        assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
+        assert_pulled(hub.pull(NAME, endpoint=url, index=index), published, hf_home)
 
 
 def test_a_hub_on_another_commit_than_the_index_is_refused(published, hf_home):
@@ -709,6 +747,11 @@ def test_other_malformed_inputs(published, tmp_path, capsys):
     bad.write_text('{"x": {"revision": "abc", "files": {}}}')
     with pytest.raises(hub.HubError, match="malformed index .*entry 'x' needs a 40-hex 'revision'"):
         hub.pull(NAME, index=bad)
+    entry = {"revision": "a" * 40, "files": {"config.yaml": "b" * 64}}
+    for fast in ({"README.md": "c" * 64}, {"config.yaml": "short"}, ["c" * 64]):
+        with pytest.raises(hub.HubError, match="malformed index .*entry 'x' has a 'blake3' that is not a mapping of "
+                                               "its files' names to 64-hex BLAKE3 digests"):
+            hub.pull(NAME, index={"x": {**entry, "blake3": fast}})
     with pytest.raises(hub.HubError, match="index not found"):
         hub.pull(NAME, index=tmp_path / "nope.json")
     assert main(["publish", "../x", "--to", str(tmp_path)]) == 2
@@ -795,6 +838,7 @@ def test_embedded_hub_matches_the_index_and_fits_the_budget():
         assert entry["files"] == {**parse_checksums(sums.decode(), name), CHECKSUMS: hashlib.sha256(sums).hexdigest()}
         for filename, digest in entry["files"].items():
             assert hashlib.sha256((root / name / filename).read_bytes()).hexdigest() == digest
+        assert entry["blake3"] == {filename: b3(root / name / filename) for filename in entry["files"]}
         total += (root / name / "model.safetensors").stat().st_size
         card = (root / name / "README.md").read_text()
         measured = json.loads((Path(__file__).resolve().parents[1] / "model_cards" / "results" / f"{name}.json").read_text())

@@ -229,7 +229,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     folder = publish(args.source, args.to, index=args.index, name=args.name, seed=args.seed, results=results)
     files = sorted(p.name for p in folder.iterdir())
     print(f"published zoo/{folder.name} to {folder} ({', '.join(files)})"
-          + (f"; recorded its sha256s in {args.index}" if args.index else ""))
+          + (f"; recorded its digests (sha256, BLAKE3) in {args.index}" if args.index else ""))
     return 0
 
 
@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="NAME|CHECKPOINT", help="a variant name (published freshly initialized, which "
                    "its card says) or a zoo checkpoint (*.safetensors or its .index.json)")
     p.add_argument("--to", required=True, metavar="DIR", help="the folder of repositories; writes DIR/NAME/")
-    p.add_argument("--index", metavar="FILE", help="also record the commit and each file's sha256 in this zoo index "
+    p.add_argument("--index", metavar="FILE", help="also record the commit and each file's sha256 and BLAKE3 in this zoo index "
                    "JSON (created if missing); the zoo's own is plugins/hub/index.json")
     p.add_argument("--name", default=None, help="publish a checkpoint under this variant name (default: its header's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialization when publishing a NAME (default: 0)")
@@ -405,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="do not log each request to stderr")
 
     p = add("pull", cmd_pull, "Download a published variant into huggingface_hub's cache (HF_HOME, "
-            "HF_HUB_OFFLINE honoured), verify each file's sha256, and print the snapshot folder.")
+            "HF_HUB_OFFLINE honoured), verify each file (BLAKE3 where the zoo's index records it, else sha256), and "
+            "print the snapshot folder.")
     p.add_argument("name", help="variant name, e.g. tiny-dense-hybridnorm")
     p.add_argument("--endpoint", metavar="URL", default=None, help="hub URL (default: $ZOO_ENDPOINT, else the zoo's "
                    "embedded hub, which needs no network)")
