@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import zoo
 from common import matmul_peak, paired_ratio, round_robin, round_robin_samples
 from zoo.convert import from_hf
+from zoo.linear import cpu_has_native
 from zoo.moe import after_optimizer_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -145,12 +146,14 @@ def utilisation(results: dict[str, Any]) -> None:
         print(f"{row['model']:8s} {row['dtype']}: zoo {100 * row['zoo_mfu']:6.1f}%  HF {100 * row['hf_mfu']:6.1f}% of the "
               f"{row['dtype']} peak" + (f" (zoo {100 * row['zoo_mfu_of_fp32_peak']:.1f}% of the fp32 peak)"
                                         if row["dtype"] != "fp32" else ""))
+    upcast = results["device"] == "cpu" and not cpu_has_native(torch.bfloat16)
     for row in results.get("mfu", []):
         row["mfu"] = row["achieved_gflops"] * 1e9 / peaks[row["dtype"]]
         row["mfu_of_fp32_peak"] = row["achieved_gflops"] * 1e9 / peaks["fp32"]
+        why = ": on this CPU the zoo computes bf16 GEMMs in fp32" if upcast else ""
         print(f"MFU ~{row['params'] / 1e6:.0f}M dense {row['dtype']} {row['mode']}: {100 * row['mfu']:.1f}% of the "
-              f"{row['dtype']} matmul peak" + (f" ({100 * row['mfu_of_fp32_peak']:.1f}% of the fp32 peak: on this CPU "
-                                               "the zoo computes bf16 GEMMs in fp32)" if row["dtype"] != "fp32" else ""))
+              f"{row['dtype']} matmul peak" + (f" ({100 * row['mfu_of_fp32_peak']:.1f}% of the fp32 peak{why})"
+                                               if row["dtype"] != "fp32" else ""))
 
 
 def main(argv: list[str] | None = None) -> int:

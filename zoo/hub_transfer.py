@@ -11,7 +11,7 @@ over the file: BLAKE3 right after each step, while its pages are still in cache;
 transfer, in a second thread (hashlib releases the GIL) so that the two overlap.
 
 It writes ``<dest>.incomplete`` and resumes it with a ``Range`` request (in a later call, or in the
-same call when the connection breaks), and renames it to ``dest`` only once its sha256 is the one
+same call when the connection breaks), and renames it to ``dest`` only once its digest is the one
 expected: nothing unverified ever sits at ``dest``. A ``cancel`` event stops a download at its next step,
 keeping the bytes received for a resume (how a pull that fetches several files at once stops the others
 when one fails). ``download_to_cache`` puts such a download where ``hf_hub_download`` would
@@ -40,7 +40,6 @@ from .hub_server import HubError, sha256_file
 STEP = 1 << 20  # bytes per splice / readinto, and per progress-bar update
 SMALL = 1 << 20  # a body of at most this many bytes (the whole file) is read, hashed and written at once
 HASH_STEP = 8 << 20  # bytes the sha256 thread takes at a time (BLAKE3 takes each STEP as it lands)
-ALGORITHMS = ("blake3", "sha256")  # the digests a file can be verified with, the fastest first
 PIPE_SIZE = 1 << 20
 RETRIES = 3  # resumes within one call, each after a broken connection that had made progress
 TIMEOUT = 10.0  # seconds without data before giving up, as huggingface_hub's download timeout
@@ -63,7 +62,7 @@ class Cancelled(Exception):
 
 
 def new_hash(algorithm: str, data: bytes = b"") -> Any:
-    """A hashlib-style object for ``algorithm`` (one of ``ALGORITHMS``)."""
+    """A hashlib-style object for ``algorithm``: ``sha256`` (or any hashlib name) or ``blake3``."""
     if algorithm == "blake3":
         from blake3 import blake3
         return blake3(data)
