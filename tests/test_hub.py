@@ -390,7 +390,8 @@ def test_a_pull_fetches_its_files_at_once(published, hf_home):
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names an mmap's file through /proc")
 @pytest.mark.parametrize("kind", ["splice", "readinto"])
 def test_small_files_are_read_hashed_and_written_without_a_thread_or_a_map(published, hf_home, monkeypatch, kind):
-    """README.md, config.yaml and checksums.sha256 (1 MiB or less) cost no hash thread and no mmap; the weights do."""
+    """README.md, config.yaml and checksums.sha256 (1 MiB or less) cost no hasher (no thread) and no mmap; the weights
+    get one, hashing through mmaps (inline for BLAKE3, in a thread for sha256)."""
     import mmap
 
     from zoo import hub_transfer
