@@ -425,12 +425,13 @@ class _Pull:
                                 "`sha256sum -c checksums.sha256`)")
 
     def run(self, entry: Optional[dict[str, Any]]) -> Path:
+        fast = dict(entry.get("blake3", {})) if entry is not None else {}  # checked instead of sha256 where given
         if (entry is not None and not self.offline and self.revision == entry["revision"]
                 and CHECKSUMS in entry["files"]):
             # the index pins the commit and every file's sha256, checksums.sha256's too: nothing to ask the hub
             # first, every file fetched at once
             self.pinned = True
-            expected, fast, against = dict(entry["files"]), dict(entry.get("blake3", {})), "the zoo's index"
+            expected, against = dict(entry["files"]), "the zoo's index"
             repo = CacheRepo(self.cache, self.repo_id, entry["revision"])
             unverified: dict[str, Path] = {}
             files = expected
@@ -442,11 +443,10 @@ class _Pull:
                     raise HubError(f"{self.repo_id} at {self.where} is at commit {commit}, but the zoo's index pins "
                                    f"{entry['revision']}: that hub serves other files than the index records; "
                                    "pass the index that goes with them (index=FILE / --index FILE)")
-                expected, fast = dict(entry["files"]), dict(entry.get("blake3", {}))
-                against = "the zoo's index"
+                expected, against = dict(entry["files"]), "the zoo's index"
             else:
                 expected = parse_checksums(sums.read_text(), f"{self.repo_id}/{CHECKSUMS} from {self.where}")
-                fast, against = {}, f"{CHECKSUMS} of commit {commit}"
+                against = f"{CHECKSUMS} of commit {commit}"
             repo = CacheRepo(self.cache, self.repo_id, commit)
             unverified = {CHECKSUMS: sums} if CHECKSUMS in expected else {}
             files = {f: h for f, h in expected.items() if f != CHECKSUMS}

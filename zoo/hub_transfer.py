@@ -83,6 +83,7 @@ class _Hasher:
 
     def __init__(self, path: Path, algorithm: str):
         self.algorithm, self.inline = algorithm, algorithm == "blake3"
+        self.step = STEP if self.inline else HASH_STEP  # bytes written between feeds
         self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         self._hash, self._done = new_hash(algorithm), 0
         self._error: Optional[BaseException] = None
@@ -143,7 +144,6 @@ class _Download:
                  cancel: Optional[threading.Event]):
         self.url, self.part, self.headers, self.timeout, self.bar, self.cancel = url, part, headers, timeout, bar, cancel
         self.algorithm = algorithm
-        self.hash_step = STEP if algorithm == "blake3" else HASH_STEP
         self.fd = os.open(part, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o644)
         self.got = self.fed = self.shown = self.start = os.fstat(self.fd).st_size
         self.hasher: Optional[_Hasher] = None  # started for the first body that is not small
@@ -151,7 +151,7 @@ class _Download:
 
     def advance(self, got: int) -> None:
         self.got = got
-        if self.hasher is not None and got - self.fed >= self.hash_step:
+        if self.hasher is not None and got - self.fed >= self.hasher.step:
             self.hasher.feed(got)
             self.fed = got
         if got - self.shown >= STEP:
