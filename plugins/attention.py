@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +41,39 @@ def _rope_tables(seq_len: int, head_dim: int, theta: float, device: torch.device
 _cached_rope_tables = functools.lru_cache(maxsize=16)(_rope_tables)
 
 
+class _RotateHalf(torch.autograd.Function):
+    """``x * cos + rotate_half(x) * sin``, ``rotate_half(x) = (-x2, x1)``, in three kernels each way.
+
+    The tables are in rotate-half layout, so both halves of ``sin`` are equal and only the first is
+    read: ``y1 = x1 cos1 - x2 sin1``, ``y2 = x2 cos2 + x1 sin1``. Its transpose gives the backward,
+    ``dx1 = dy1 cos1 + dy2 sin1``, ``dx2 = dy2 cos2 - dy1 sin1``, without the negations, concatenations
+    and gradient sums that autograd runs for the composite formula.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1)
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor) -> tuple[Tensor, None, None]:
+        cos, sin = ctx.saved_tensors
+        return _rotate(dy, cos, sin, -1), None, None
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, sign: int) -> Tensor:
+    """``x * cos + sign * rotate_half(x) * sin`` (``sign=-1``: the inverse rotation)."""
+    half = x.shape[-1] // 2
+    sin1 = sin[..., :half]
+    y = x * cos
+    y[..., :half].addcmul_(x[..., half:], sin1, value=-sign)
+    y[..., half:].addcmul_(x[..., :half], sin1, value=sign)
+    return y
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate ``x`` (batch, seq, heads, d_h) by position."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+    """Rotate ``x`` (batch, seq, heads, d_h) by position; tables ``(seq, d_h)``."""
+    return _RotateHalf.apply(x, cos[:, None, :], sin[:, None, :])
 
 
 def rope_at(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -59,9 +87,7 @@ def rope_at(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) 
 
 def apply_rope_at(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate ``x`` (batch, seq, heads, d_h) by per-row tables ``(batch, seq, d_h)``."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return _RotateHalf.apply(x, cos[:, :, None, :], sin[:, :, None, :])
 
 
 class MultiHeadAttention(Attention):

@@ -491,6 +491,40 @@ def test_rmsnorm_layer_fp32_math_and_eps():
     torch.testing.assert_close(yb.double(), ref_rmsnorm(xb.double(), g, 1e-3), atol=2e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("shape", [(3, 7, 64), (2, 5, 4, 16)], ids=["full-width", "per-head"])
+def test_rmsnorm_layer_gradients_match_the_reference(shape):
+    """The hand-written backward gives autograd's gradients of the reference formula, for the input and
+    for the gain (summed over every leading dimension, heads included); in bf16 the same, to its rounding."""
+    from zoo.plugins.norms import RMSNorm
+
+    gen = torch.Generator().manual_seed(11)
+    norm = RMSNorm(shape[-1], eps=1e-3).double()
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.5 * torch.randn(shape[-1], generator=gen))
+    x = (0.05 * torch.randn(shape, generator=gen, dtype=torch.float64)).requires_grad_()
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    norm(x).backward(dy)
+    xr, gr = x.detach().clone().requires_grad_(), norm.weight.detach().clone().requires_grad_()
+    ref_rmsnorm(xr, gr, 1e-3).backward(dy)
+    torch.testing.assert_close(x.grad, xr.grad, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(norm.weight.grad, gr.grad, atol=1e-12, rtol=1e-10)
+
+    bf = RMSNorm(shape[-1], eps=1e-3).bfloat16()
+    bf.load_state_dict(norm.state_dict())
+    xb = x.detach().bfloat16().requires_grad_()
+    bf(xb).backward(dy.bfloat16())
+    assert xb.grad.dtype == bf.weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(xb.grad.double(), xr.grad, atol=0.05 * xr.grad.abs().max().item(), rtol=2e-2)
+    torch.testing.assert_close(bf.weight.grad.double(), gr.grad, atol=0.02 * gr.grad.abs().max().item(), rtol=2e-2)
+
+
+def test_rmsnorm_layer_refuses_a_wrong_width():
+    from zoo.plugins.norms import RMSNorm
+
+    with pytest.raises(ValueError, match=r"RMSNorm over 64 features got an input of shape \(2, 32\)"):
+        RMSNorm(64)(torch.ones(2, 32))
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_layernorm_layer(bias):
     overrides = BASE + ["norm_layer=layernorm", "norm_eps=1e-4"] + ([] if bias else ["norm_layer_options.bias=false"])
