@@ -1,6 +1,6 @@
 """Every benchmark in one command, then the performance goals checked against what this run measured.
 
-    python benchmarks/run_all.py                 # about 10-15 minutes on 2 cores; JSON in benchmarks/results/
+    python benchmarks/run_all.py                 # 3-10 minutes on 2 cores (the faster on AVX-512); JSON in benchmarks/results/
     python benchmarks/run_all.py --quick         # small sizes, one repeat: checks that everything runs
 
 Each benchmark runs in its own process (so one's memory and threads do not colour the next) and

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--repeats", type=int, default=7, help="timed steps per contender (medians; the speedup is the median of the per-round ratios)")
+    parser.add_argument("--repeats", type=int, default=15, help="timed steps per contender (medians; the speedup is the "
+                        "median of the per-round ratios, which spread about +-3%% from round to round on a 2-core VM)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--mfu-batch", type=int, default=4)
