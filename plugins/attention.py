@@ -168,9 +168,8 @@ class MultiHeadAttention(Attention):
             i = torch.arange(T, device=x.device)
             allowed = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
         if self.record_max_logit:
-            seen = allowed if allowed is not None else torch.ones(T, S, dtype=torch.bool, device=x.device).tril()
             kk = k.repeat_interleave(self.n_heads // self.n_kv_heads, dim=1) if gqa else k
-            self.last_max_logit = max_logit(q, kk, seen, self.head_dim ** -0.5)
+            self.last_max_logit = max_logit(q, kk, allowed, self.head_dim ** -0.5, causal=allowed is None)
         dtype, cdt = q.dtype, compute_dtype(q)  # fp32 SDPA where this CPU lacks bf16/fp16 units
         q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
         if allowed is None:

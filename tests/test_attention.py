@@ -212,6 +212,28 @@ def test_rope_gradient_is_the_reference_rotations_gradient():
     torch.testing.assert_close(xp.grad, xs.grad, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("T, S, budget", [(150, 150, 1 << 24), (70, 200, 1 << 24), (150, 150, 2000)],
+                         ids=["blocks", "queries-behind-a-cache", "budget-below-a-block"])
+def test_max_logit_causal_blocks_equal_a_full_mask(T, S, budget):
+    """``max_logit(causal=True)`` multiplies each query block only with the keys it sees and masks only
+    its diagonal; it must give the maximum under the full causal mask (aligned to the last key)."""
+    from zoo.attention import max_logit
+
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 3, T, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 3, S, 8, generator=gen, dtype=torch.float64)
+    # the largest products (100) are ones the mask hides: query 0 with the last key, and query 10 with the
+    # key one step ahead of it, which sits on a block's diagonal
+    for t, j in ((0, S - 1), (10, S - T + 11)):
+        q[:, :, t] = k[:, :, j] = 10 * torch.eye(8, dtype=torch.float64)[0]
+    allowed = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    scores = q @ k.transpose(-1, -2)
+    want = scores.masked_fill(~allowed, float("-inf")).max().float() * 0.5  # max_logit reports fp32
+    assert scores[..., 0, S - 1].min() * 0.5 > want and scores[..., 10, S - T + 11].min() * 0.5 > want
+    assert float(max_logit(q, k, None, 0.5, budget, causal=True)) == float(want)
+    assert float(max_logit(q, k, allowed, 0.5, budget)) == float(want)
+
+
 def test_rope_is_relative():
     """RoPE scores depend only on i - j. With a window of 8, the last query of 8 tokens at positions
     0..7 and of the same 8 tokens at positions 4..11 (behind 4 others) sees the same keys at the

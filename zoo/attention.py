@@ -97,19 +97,31 @@ class Attention(nn.Module):
         raise NotImplementedError
 
 
-def max_logit(q: Tensor, k: Tensor, allowed: Optional[Tensor], scale: float, budget: int = 1 << 24) -> Tensor:
+def max_logit(q: Tensor, k: Tensor, allowed: Optional[Tensor], scale: float, budget: int = 1 << 24, *,
+              causal: bool = False, block: int = 64) -> Tensor:
     """The largest ``scale * q.k`` where ``allowed``: q ``(B, H, T, d)``, k ``(B, H, S, d)`` (heads already
-    matched), ``allowed`` broadcastable to ``(B, H, T, S)`` bool or None for all. Chunks the queries so that
-    at most ``budget`` scores exist at once; a helper for plugins that record ``last_max_logit``."""
+    matched), ``allowed`` broadcastable to ``(B, H, T, S)`` bool or None for all. ``causal=True`` (with
+    ``allowed=None``) lets query t see keys up to ``S - T + t``; the queries then go in blocks of ``block``,
+    each multiplied only with the keys it can see and masked only on its diagonal, about half the work
+    of a full mask at ``T = S``. Chunks the queries so that at most ``budget`` scores exist at once; a
+    helper for plugins that record ``last_max_logit``."""
     with torch.no_grad():
         B, H, T, _ = q.shape
         S = k.shape[-2]
         step = max(1, budget // max(1, B * H * S))
+        if causal:
+            step = min(step, block)
         kt = k.transpose(-1, -2)
         best = torch.full((), float("-inf"), device=q.device)
         for start in range(0, T, step):
-            scores = (q[:, :, start:start + step] @ kt).float()
-            if allowed is not None:
-                scores = scores.masked_fill(~allowed[..., start:start + step, :], float("-inf"))
+            stop = min(T, start + step)
+            keys = S - T + stop if causal else S
+            scores = (q[:, :, start:stop] @ kt[..., :keys]).float()
+            if causal:  # the last n keys are the block's own positions: key c is seen by query r iff c <= r
+                n = stop - start
+                scores[..., keys - n:].masked_fill_(torch.ones(n, n, dtype=torch.bool, device=q.device).triu_(1),
+                                                    float("-inf"))
+            elif allowed is not None:
+                scores.masked_fill_(~allowed[..., start:stop, :], float("-inf"))
             best = torch.maximum(best, scores.amax())
         return best * scale
