@@ -2,7 +2,8 @@
 weights (a Llama-, an OLMoE- and a Mixtral-shaped model, each built in transformers with a seeded
 init and imported with ``zoo convert``), forward + backward + AdamW step, in fp32 and bf16; and the
 model FLOP utilisation of a ~30M-parameter dense zoo model at sequence 512. The matmul peaks the
-utilisations refer to are measured in the same run, and the zoo and HF steps are timed round-robin.
+utilisations refer to are measured in the same run. The zoo and HF models each run in a process of
+their own (see ``Contender``), and their steps are timed round-robin, back to back.
 
     python benchmarks/train_step.py                        # everything, writes benchmarks/results/train_step.json
     python benchmarks/train_step.py --models llama --dtypes fp32 --repeats 3
@@ -11,18 +12,23 @@ utilisations refer to are measured in the same run, and the zoo and HF steps are
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
+import traceback
+from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 import zoo
-from common import matmul_peak, paired_ratio, round_robin, round_robin_samples
+from common import matmul_peak, paired_ratio, round_robin, round_robin_samples, sync
+from zoo.checkpoint import checkpoint_config
 from zoo.convert import from_hf
 from zoo.linear import cpu_has_native
 from zoo.moe import after_optimizer_step
@@ -39,9 +45,9 @@ MFU_MODEL = dict(d_model=512, n_layers=8, n_heads=8, vocab_size=8192, max_seq_le
                  ffn={"type": "dense", "hidden_size": 1536})
 
 
-def hf_and_zoo(name: str, seed: int, workdir: Path, device: str = "cpu",
-               moe_backend: str = "auto") -> tuple[torch.nn.Module, zoo.ZooModel]:
-    """The same randomly initialised model in transformers (SDPA attention) and in the zoo."""
+def prepare(name: str, seed: int, workdir: Path) -> tuple[Path, Path]:
+    """The same randomly initialised model saved by transformers and imported into the zoo: (HF folder,
+    zoo checkpoint)."""
     import transformers
 
     cls_name, kwargs = MODELS[name]
@@ -49,9 +55,21 @@ def hf_and_zoo(name: str, seed: int, workdir: Path, device: str = "cpu",
     torch.manual_seed(seed)
     hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").float()
     hf.save_pretrained(workdir / name)
-    ckpt = from_hf(workdir / name, workdir / f"{name}-zoo")
+    return workdir / name, from_hf(workdir / name, workdir / f"{name}-zoo")
+
+
+def load(lib: str, name: str, workdir: Path, device: str, moe_backend: str) -> tuple[torch.nn.Module, Callable[..., Any]]:
+    """``lib``'s model ("zoo" or "hf") from ``prepare``'s files, in fp32 and training mode, with its loss function."""
+    hf_dir, ckpt = workdir / name, workdir / f"{name}-zoo"
+    if lib == "hf":
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, attn_implementation="sdpa", dtype=torch.float32)
+        return hf.to(device).train(), hf_loss
     model = zoo.load(ckpt, {"moe": {"backend": moe_backend}} if name != "llama" else None)
-    return hf.to(device).train(), model.to(device).train()
+    return model.to(device).train(), zoo_loss
 
 
 def hf_loss(hf: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,35 +101,100 @@ def step_fn(model: torch.nn.Module, loss_fn: Callable[..., tuple[torch.Tensor, t
     return step
 
 
+def _serve(conn: Connection, lib: str, name: str, workdir: str, device: str, moe_backend: str, tokens: torch.Tensor) -> None:
+    """A contender's process: loads ``lib``'s model, then answers ("loss",), ("dtype", name) and ("step",)
+    until ("close",), replying ("ok", value) or ("error", traceback)."""
+    try:
+        model, loss_fn = load(lib, name, Path(workdir), device, moe_backend)
+        x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
+        step: Optional[Callable[[], None]] = None
+        while True:
+            cmd, *args = conn.recv()
+            if cmd == "close":
+                return
+            if cmd == "loss":
+                with torch.no_grad():
+                    value: Any = float(loss_fn(model, x, y)[0])
+            elif cmd == "dtype":
+                model, value = model.to(DTYPES[args[0]]), None
+                step = step_fn(model, loss_fn, x, y)
+            else:
+                assert step is not None, "set a dtype first"
+                step()
+                sync(device)
+                value = None
+            conn.send(("ok", value))
+    except BaseException:
+        conn.send(("error", traceback.format_exc()))
+
+
+class Contender:
+    """One library's model in a process of its own, its steps called from this one. Two models in one process
+    share its heap: one's frees and trims then show up as page faults in the other's steps (measured here as
+    several thousand per step moving between the libraries when one of them changed its allocations)."""
+
+    def __init__(self, lib: str, name: str, workdir: Path, device: str, moe_backend: str, tokens: torch.Tensor):
+        self.lib = lib
+        ctx = multiprocessing.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child, lib, name, str(workdir), device, moe_backend, tokens),
+                                   daemon=True)
+        self.process.start()
+
+    def call(self, *cmd: Any) -> Any:
+        try:
+            self.conn.send(cmd)
+            status, value = self.conn.recv()
+        except (EOFError, OSError):
+            self.process.join(timeout=10)
+            raise RuntimeError(f"the {self.lib} process exited (code {self.process.exitcode}) before answering "
+                               f"{cmd[0]!r}") from None
+        if status == "error":
+            raise RuntimeError(f"the {self.lib} process failed:\n{value}")
+        return value
+
+    def step(self) -> None:
+        self.call("step")
+
+    def close(self) -> None:
+        if self.process.is_alive():
+            self.conn.send(("close",))
+        self.process.join(timeout=60)
+
+
 def compare(names: list[str], dtypes: list[str], repeats: int, batch: int, seq: int, device: str = "cpu", moe_backend: str = "auto") -> list[dict[str, Any]]:
+    """Each model's zoo and HF training steps, each library in its own process, timed round-robin."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            hf32, zoo32 = hf_and_zoo(name, 0, Path(tmp), device, moe_backend)
+            _, ckpt = prepare(name, 0, Path(tmp))
+            cfg, _ = checkpoint_config(ckpt)
             gen = torch.Generator().manual_seed(1)
-            tokens = torch.randint(0, MODELS[name][1]["vocab_size"], (batch, seq + 1), generator=gen).to(device)
-            x, y = tokens[:, :-1], tokens[:, 1:]
-            with torch.no_grad():
-                first = {"zoo": float(zoo_loss(zoo32, x, y)[0]), "hf": float(hf_loss(hf32, x, y)[0])}
-            train_flops = zoo.stats(zoo32.cfg, seq_len=seq).train_flops_per_token * batch * seq
-            for dname in dtypes:
-                dtype = DTYPES[dname]
-                hf, model = (hf32, zoo32) if dtype == torch.float32 else (hf32.to(dtype), zoo32.to(dtype))
-                samples = round_robin_samples({"zoo": step_fn(model, zoo_loss, x, y), "hf": step_fn(hf, hf_loss, x, y)},
-                                              repeats, device=device)
-                times = {name: statistics.median(ts) for name, ts in samples.items()}
-                speedup = paired_ratio(samples["hf"], samples["zoo"])
-                row = {"model": name, "dtype": dname, "batch": batch, "seq": seq, "params": sum(p.numel() for p in model.parameters()),
-                       "first_step_loss": first, "first_step_loss_diff": abs(first["zoo"] - first["hf"]),
-                       "zoo_step_ms": times["zoo"] * 1e3, "hf_step_ms": times["hf"] * 1e3,
-                       "zoo_tokens_per_s": batch * seq / times["zoo"], "hf_tokens_per_s": batch * seq / times["hf"],
-                       "speedup_vs_hf": speedup["median"], "speedup_vs_hf_quartiles": [speedup["q1"], speedup["q3"]],
-                       "speedup_of_medians": times["hf"] / times["zoo"],
-                       "zoo_gflops": train_flops / times["zoo"] / 1e9, "hf_gflops": train_flops / times["hf"] / 1e9}
-                rows.append(row)
-                print(f"{name:8s} {dname}: zoo {row['zoo_step_ms']:8.1f} ms ({row['zoo_tokens_per_s']:7,.0f} tok/s)  "
-                      f"HF {row['hf_step_ms']:8.1f} ms ({row['hf_tokens_per_s']:7,.0f} tok/s)  zoo/HF speed "
-                      f"{row['speedup_vs_hf']:.2f}x (quartiles {speedup['q1']:.2f}-{speedup['q3']:.2f})  first-step loss |zoo-HF| {row['first_step_loss_diff']:.1e}", flush=True)
+            tokens = torch.randint(0, MODELS[name][1]["vocab_size"], (batch, seq + 1), generator=gen)
+            train_flops = zoo.stats(cfg, seq_len=seq).train_flops_per_token * batch * seq
+            params = zoo.stats(cfg, seq_len=seq).total_params
+            with contextlib.ExitStack() as stack:
+                procs = {lib: Contender(lib, name, Path(tmp), device, moe_backend, tokens) for lib in ("zoo", "hf")}
+                for proc in procs.values():
+                    stack.callback(proc.close)
+                first = {lib: proc.call("loss") for lib, proc in procs.items()}
+                for dname in dtypes:
+                    for proc in procs.values():
+                        proc.call("dtype", dname)
+                    samples = round_robin_samples({lib: proc.step for lib, proc in procs.items()}, repeats)
+                    times = {lib: statistics.median(ts) for lib, ts in samples.items()}
+                    speedup = paired_ratio(samples["hf"], samples["zoo"])
+                    row = {"model": name, "dtype": dname, "batch": batch, "seq": seq, "params": params,
+                           "first_step_loss": first, "first_step_loss_diff": abs(first["zoo"] - first["hf"]),
+                           "zoo_step_ms": times["zoo"] * 1e3, "hf_step_ms": times["hf"] * 1e3,
+                           "zoo_tokens_per_s": batch * seq / times["zoo"], "hf_tokens_per_s": batch * seq / times["hf"],
+                           "speedup_vs_hf": speedup["median"], "speedup_vs_hf_quartiles": [speedup["q1"], speedup["q3"]],
+                           "speedup_of_medians": times["hf"] / times["zoo"],
+                           "zoo_gflops": train_flops / times["zoo"] / 1e9, "hf_gflops": train_flops / times["hf"] / 1e9}
+                    rows.append(row)
+                    print(f"{name:8s} {dname}: zoo {row['zoo_step_ms']:8.1f} ms ({row['zoo_tokens_per_s']:7,.0f} tok/s)  "
+                          f"HF {row['hf_step_ms']:8.1f} ms ({row['hf_tokens_per_s']:7,.0f} tok/s)  zoo/HF speed "
+                          f"{row['speedup_vs_hf']:.2f}x (quartiles {speedup['q1']:.2f}-{speedup['q3']:.2f})  first-step loss |zoo-HF| {row['first_step_loss_diff']:.1e}", flush=True)
     return rows
 
 
