@@ -2,6 +2,7 @@
 round-robin timing, so a change in the machine's speed during a run hits every contender alike."""
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from typing import Any, Callable
@@ -18,26 +19,38 @@ def sync(device: str = "cpu") -> None:
 PEAK_SHAPES = ((2048, 2048, 2048), (4096, 512, 1536), (4096, 1536, 512), (2048, 4096, 1024))  # (m, k, n)
 
 
-def matmul_peak(dtype: torch.dtype, repeats: int = 5, device: str = "cpu") -> float:
-    """FLOP/s of the fastest of a few large matmuls in ``dtype`` (best of ``repeats`` each): the
-    practical peak. Several shapes, including a transformer layer's, so that no model GEMM can beat
-    the "peak" merely by having a friendlier shape than one square probe."""
+def matmul_peaks(dtype: torch.dtype, repeats: int = 5, device: str = "cpu") -> dict[str, float]:
+    """FLOP/s of the fastest of a few large matmuls in ``dtype`` (best of ``repeats`` each), per library
+    that can run them: torch's ``mm``, and for fp32 on CPU also oneDNN (``zoo.linear.cpu_matmul_libraries``),
+    which on some CPUs is twice MKL's speed. Several shapes, including a transformer layer's, so that no
+    model GEMM can beat the "peak" merely by having a friendlier shape than one square probe."""
+    from zoo.linear import cpu_matmul_libraries, matmul_t
+
     shapes: tuple[tuple[int, int, int], ...] = PEAK_SHAPES
+    libraries: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {"aten": lambda a, bt: a @ bt.t()}
     if device == "cpu" and dtype != torch.float32:
         shapes, repeats = ((512, 512, 512),), 2  # a bf16 matmul without bf16 units runs at a few GFLOP/s
     elif device != "cpu":
         shapes, repeats = ((8192, 8192, 8192),), 10
-    best = 0.0
+    else:
+        libraries = {lib: functools.partial(matmul_t, library=lib) for lib in cpu_matmul_libraries()}
+    best = dict.fromkeys(libraries, 0.0)
     for m, k, n in shapes:
-        a, b = torch.randn(m, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
-        a @ b
-        sync(device)
-        for _ in range(repeats):
-            t = time.perf_counter()
-            a @ b
+        a, bt = torch.randn(m, k, dtype=dtype, device=device), torch.randn(n, k, dtype=dtype, device=device)
+        for lib, mm in libraries.items():
+            mm(a, bt)
             sync(device)
-            best = max(best, 2 * m * k * n / (time.perf_counter() - t))
+            for _ in range(repeats):
+                t = time.perf_counter()
+                mm(a, bt)
+                sync(device)
+                best[lib] = max(best[lib], 2 * m * k * n / (time.perf_counter() - t))
     return best
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int = 5, device: str = "cpu") -> float:
+    """The practical matmul peak: the best of ``matmul_peaks`` over libraries."""
+    return max(matmul_peaks(dtype, repeats, device).values())
 
 
 def round_robin_samples(fns: dict[str, Callable[[], Any]], repeats: int, warmups: int = 1,

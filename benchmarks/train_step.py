@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from common import matmul_peak, paired_ratio, round_robin, round_robin_samples, sync
+from common import matmul_peak, matmul_peaks, paired_ratio, round_robin, round_robin_samples, sync
 from zoo.checkpoint import checkpoint_config
 from zoo.convert import from_hf
-from zoo.linear import cpu_has_native
+from zoo.linear import cpu_has_native, cpu_matmul
 from zoo.moe import after_optimizer_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -257,10 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", default="benchmarks/results/train_step.json")
     args = parser.parse_args(argv)
     dtypes = sorted({*args.dtypes, "fp32"})
-    peaks = {d: matmul_peak(DTYPES[d], device=args.device) for d in dtypes}
-    print(f"matmul peak ({torch.get_num_threads()} threads): " + ", ".join(f"{d} {p / 1e9:.1f} GFLOP/s" for d, p in peaks.items()))
+    by_library = {d: matmul_peaks(DTYPES[d], device=args.device) for d in dtypes}
+    peaks = {d: max(libs.values()) for d, libs in by_library.items()}
+    print(f"matmul peak ({torch.get_num_threads()} threads): " + ", ".join(
+        f"{d} {peaks[d] / 1e9:.1f} GFLOP/s (" + ", ".join(f"{lib} {v / 1e9:.0f}" for lib, v in libs.items()) + ")"
+        for d, libs in by_library.items()))
     results: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
                                "matmul_peak_gflops": {d: p / 1e9 for d, p in peaks.items()},
+                               "matmul_peak_gflops_by_library": {d: {lib: v / 1e9 for lib, v in libs.items()}
+                                                                 for d, libs in by_library.items()},
+                               "cpu_matmul": cpu_matmul() if args.device == "cpu" else None,
                                "device": args.device, "moe_backend": args.moe_backend,
                                "vs_hf": compare(args.models, args.dtypes, args.repeats, args.batch, args.seq,
                                                 args.device, args.moe_backend)}

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from zoo.linear import Linear, compute_dtype, linear
+from zoo.errors import ConfigError
+from zoo.linear import CPU_MATMUL_ENV, Linear, compute_dtype, cpu_matmul, linear
 
 
 def _operands(dtype: torch.dtype, bias: bool):
@@ -19,7 +20,8 @@ def _operands(dtype: torch.dtype, bias: bool):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bias", [False, True])
-def test_reduced_precision_matches_its_definition(dtype, bias):
+def test_reduced_precision_matches_its_definition(dtype, bias, monkeypatch):
+    monkeypatch.setenv(CPU_MATMUL_ENV, "aten")  # the fp32 GEMMs bit for bit as F.linear's (oneDNN's: tested below)
     x, w, b = _operands(dtype, bias)
     dy = torch.randn(3, 5, 8).to(dtype)
     y = linear(x, w, b)
@@ -40,9 +42,44 @@ def test_reduced_precision_matches_its_definition(dtype, bias):
     torch.testing.assert_close(y.float(), native.float(), rtol=2e-2, atol=2e-2)  # a bf16 GEMM's rounding
 
 
-def test_fp32_is_plain_f_linear_and_module_keeps_nn_linear_state():
-    x, w, b = _operands(torch.float32, True)
-    assert torch.equal(linear(x, w, b), F.linear(x, w, b))
+def test_module_keeps_nn_linear_state():
+    x, _, _ = _operands(torch.float32, True)
     layer = Linear(16, 8)
     assert isinstance(layer, torch.nn.Linear) and set(layer.state_dict()) == {"weight", "bias"}
-    assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+    torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("library", ["onednn", "aten"])
+def test_fp32_cpu_linear_matches_fp64_on_either_library(library, monkeypatch):
+    """fp32 GEMMs through oneDNN (the default where torch has it) or aten's mm: output and all three
+    gradients within fp32 rounding of an fp64 reference; ``aten`` is exactly ``F.linear``."""
+    monkeypatch.setenv(CPU_MATMUL_ENV, library)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 70, 96, generator=gen).requires_grad_()
+    w = torch.randn(40, 96, generator=gen).requires_grad_()
+    b = torch.randn(40, generator=gen).requires_grad_()
+    dy = torch.randn(3, 70, 40, generator=gen)
+    y = linear(x, w, b)
+    y.backward(dy)
+    leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref = F.linear(*leaves)
+    ref.backward(dy.double())
+    assert y.dtype == x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+    for got, want in zip((y, x.grad, w.grad, b.grad), (ref, *(t.grad for t in leaves))):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5 * want.abs().max().item())
+    if library == "aten":
+        assert torch.equal(y, F.linear(x, w, b))
+
+
+def test_autocast_and_other_devices_get_plain_f_linear():
+    x, w, b = _operands(torch.float32, True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert linear(x, w, b).dtype == torch.bfloat16  # autocast's bf16 GEMM, as F.linear gives it
+
+
+def test_cpu_matmul_setting_is_checked(monkeypatch):
+    monkeypatch.setenv(CPU_MATMUL_ENV, "mkl")
+    with pytest.raises(ConfigError, match=r"ZOO_CPU_MATMUL='mkl': use onednn, aten or leave it unset"):
+        cpu_matmul()
+    monkeypatch.setenv(CPU_MATMUL_ENV, "")
+    assert cpu_matmul() == ("onednn" if hasattr(torch.ops.mkldnn, "_linear_pointwise") else "aten")

@@ -1,19 +1,31 @@
-"""Linear layers that stay fast in bf16/fp16 on CPUs without reduced-precision matrix units.
+"""Linear layers that run each CPU's fastest GEMM at the model's precision.
 
-On such CPUs (AVX2, no AVX512-BF16/AMX) a native bf16 GEMM runs at a few GFLOP/s, far below
-fp32. ``linear`` then multiplies in fp32 on upcast operands: exact products with fp32
-accumulation, which is what bf16 hardware computes, so results match a native bf16 GEMM to its
-rounding. Inputs, outputs, weights and gradients keep the model's dtype; elsewhere (fp32, CUDA,
-CPUs with bf16 units) it is ``F.linear``.
+Two CPU cases differ from plain ``F.linear``:
+
+- fp32: PyTorch's ``mm`` calls MKL's sgemm, which on some CPUs (AMD EPYC with AVX-512, measured
+  here at 200-213 GFLOP/s on 2 cores) takes a far slower path than oneDNN's fp32 matmul (420-490).
+  ``linear`` calls oneDNN (``torch.ops.mkldnn._linear_pointwise``), forward and backward: fp32
+  operands, fp32 accumulation, as sgemm. ``ZOO_CPU_MATMUL=aten`` turns it off.
+- bf16/fp16 on CPUs without reduced-precision matrix units (AVX2, no AVX512-BF16/AMX): a native
+  bf16 GEMM runs at a few GFLOP/s there, so ``linear`` multiplies in fp32 on upcast operands:
+  exact products with fp32 accumulation, which is what bf16 hardware computes, so results match
+  a native bf16 GEMM to its rounding. Inputs, outputs, weights and gradients keep the model's dtype.
+
+Elsewhere (CUDA, bf16 on CPUs with bf16 units, other dtypes) it is ``F.linear``.
 """
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .errors import ConfigError
+
+CPU_MATMUL_ENV = "ZOO_CPU_MATMUL"
 
 
 @functools.lru_cache(maxsize=None)
@@ -36,14 +48,52 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-class _UpcastLinear(torch.autograd.Function):
-    """``x @ w.T + b`` computed in fp32, saving the low-precision operands (not fp32 copies)."""
+def cpu_matmul() -> str:
+    """``onednn`` or ``aten``: which library runs fp32 GEMMs on CPU (``$ZOO_CPU_MATMUL``, default ``onednn``
+    where this torch has oneDNN's matmul op)."""
+    choice = os.environ.get(CPU_MATMUL_ENV, "").strip().lower() or "auto"
+    return _cpu_matmul(choice)
+
+
+def cpu_matmul_libraries() -> tuple[str, ...]:
+    """The libraries this torch can run fp32 CPU GEMMs on: ``aten`` (MKL's or OpenBLAS's sgemm), ``onednn``."""
+    onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return ("aten", "onednn") if onednn else ("aten",)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_matmul(choice: str) -> str:
+    available = "onednn" in cpu_matmul_libraries()
+    if choice == "auto":
+        return "onednn" if available else "aten"
+    if choice not in ("onednn", "aten"):
+        raise ConfigError(f"{CPU_MATMUL_ENV}={choice!r}: use onednn, aten or leave it unset")
+    if choice == "onednn" and not available:
+        raise ConfigError(f"{CPU_MATMUL_ENV}=onednn: this torch ({torch.__version__}) has no oneDNN matmul; "
+                          f"unset it or use aten")
+    return choice
+
+
+def matmul_t(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, library: Optional[str] = None) -> Tensor:
+    """``x @ weight.T (+ bias)``, any strides and leading shape of ``x``, no autograd: fp32 CPU tensors on
+    ``library`` (default ``cpu_matmul()``), anything else through ``F.linear``. The building block of
+    ``linear``'s forward and backward and of the MoE experts' matmuls."""
+    if (x.dtype == torch.float32 and x.device.type == "cpu" and (library or cpu_matmul()) == "onednn"
+            and not torch.compiler.is_compiling()):  # inductor picks its own GEMMs (and cannot lower this op)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+    return F.linear(x, weight, bias)
+
+
+class _CPULinear(torch.autograd.Function):
+    """``x @ w.T + b`` on CPU with every GEMM in fp32 through ``matmul_t``: for fp32 models, and for
+    bf16/fp16 ones on CPUs without their units (upcast operands; the low-precision ones are saved, not
+    fp32 copies, and outputs and gradients come back in the model's dtypes)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        y = matmul_t(x.float(), weight.float(), None if bias is None else bias.float())
         return y.to(x.dtype)
 
     @staticmethod
@@ -52,18 +102,21 @@ class _UpcastLinear(torch.autograd.Function):
         dy32 = dy.float().reshape(-1, dy.shape[-1])
         dx = wgrad = bgrad = None
         if ctx.needs_input_grad[0]:
-            dx = (dy32 @ weight.float()).view(*x.shape[:-1], weight.shape[1]).to(x.dtype)
+            dx = matmul_t(dy32, weight.float().t()).view(*x.shape[:-1], weight.shape[1]).to(x.dtype)
         if ctx.needs_input_grad[1]:
-            wgrad = (dy32.t() @ x.float().reshape(-1, x.shape[-1])).to(weight.dtype)
+            wgrad = matmul_t(dy32.t(), x.float().reshape(-1, x.shape[-1]).t()).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             bgrad = dy32.sum(0).to(weight.dtype)
         return dx, wgrad, bgrad
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear``, computed in fp32 where this CPU has no units for ``x``'s reduced precision."""
-    if compute_dtype(x) != x.dtype:
-        return _UpcastLinear.apply(x, weight, bias)
+    """``F.linear``, with CPU GEMMs in fp32 on ``cpu_matmul()``'s library where that is faster (fp32 with
+    oneDNN) or where this CPU has no units for ``x``'s reduced precision."""
+    if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and (
+            compute_dtype(x) != x.dtype or (x.dtype == weight.dtype == torch.float32 and cpu_matmul() == "onednn"
+                                            and not torch.compiler.is_compiling())):
+        return _CPULinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 
 

@@ -7,6 +7,7 @@ NCCL on CUDA), so N processes follow the one-process curve.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -22,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigSource, ModelConfig
 from .data import Corpus, load_corpus
 from .errors import ZooError
+from .linear import cpu_matmul_libraries, matmul_t
 from .model import ZooModel
 from .moe import after_optimizer_step
 from .stats import model_stats
@@ -79,15 +81,19 @@ def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> torch.optim.AdamW
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, n: int = 1024) -> float:
-    """FLOP/s of a square matmul on this machine, best of a few."""
+    """FLOP/s of a square CPU matmul, best of a few and, in fp32, of every library torch has for it."""
     gen = torch.Generator().manual_seed(0)  # leaves the global RNG (model init, jitter) alone
     a, b = torch.randn(n, n, dtype=dtype, generator=gen), torch.randn(n, n, dtype=dtype, generator=gen)
-    a @ b
+    runs = [lambda: a @ b]
+    if dtype == torch.float32:
+        runs = [functools.partial(matmul_t, a, b, library=lib) for lib in cpu_matmul_libraries()]
     best = float("inf")
-    for _ in range(5):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
+    for run in runs:
+        run()
+        for _ in range(5):
+            t = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..config import MOE_BACKENDS
 from ..errors import ZooError
 from ..init import Init
-from ..linear import compute_dtype
+from ..linear import compute_dtype, matmul_t
 from .router import Routing
 
 BACKENDS = MOE_BACKENDS
@@ -184,12 +184,14 @@ class _FusedGLU(torch.autograd.Function):
                 rows = slice(start, start + n)
                 tok = token_N[rows]
                 x_nH = x_TH.index_select(0, tok).to(cdt)
-                gate = torch.mm(x_nH, w1_EFH[e].t().to(cdt), out=gate_NF[rows])
-                up = torch.mm(x_nH, v1_EFH[e].t().to(cdt), out=up_NF[rows])
+                gate = gate_NF[rows]
+                gate.copy_(matmul_t(x_nH, w1_EFH[e].to(cdt)))
+                up = up_NF[rows]
+                up.copy_(matmul_t(x_nH, v1_EFH[e].to(cdt)))
                 act = torch.ops.aten.silu.out(gate, out=act_NF[rows])
                 h = act * up
                 h.mul_(weight_N[rows].unsqueeze(1).to(cdt))
-                out_TH.index_add_(0, tok, h @ w2_EFH[e].to(cdt))
+                out_TH.index_add_(0, tok, matmul_t(h, w2_EFH[e].to(cdt).t()))
                 start += n
         ctx.save_for_backward(x_TH, token_N, weight_N, gate_NF, up_NF, act_NF, w1_EFH, v1_EFH, w2_EFH)
         ctx.counts = counts
@@ -212,17 +214,17 @@ class _FusedGLU(torch.autograd.Function):
             x_nH = x_TH.index_select(0, tok).to(cdt)
             dy_nH = dout_TH.index_select(0, tok).to(cdt)
             w_n1 = weight_N[rows].unsqueeze(1).to(cdt)
-            dh = dy_nH @ w2_EFH[e].t().to(cdt)  # gradient of the gated hidden h * w
+            dh = matmul_t(dy_nH, w2_EFH[e].to(cdt))  # gradient of the gated hidden h * w
             act_up = act * up
             dweight_N[rows] = (dh * act_up).sum(1).to(weight_N.dtype)
-            torch.mm(act_up.mul_(w_n1).t(), dy_nH, out=dw2[e])
+            dw2[e] = matmul_t(act_up.mul_(w_n1).t(), dy_nH.t())
             dh.mul_(w_n1)
             d_up = dh * act
             d_gate = torch.ops.aten.silu_backward(dh.mul_(up), gate)
-            torch.mm(d_gate.t(), x_nH, out=dw1[e])
-            torch.mm(d_up.t(), x_nH, out=dv1[e])
-            dx_nH = d_gate @ w1_EFH[e].to(cdt)
-            dx_TH.index_add_(0, tok, dx_nH.addmm_(d_up, v1_EFH[e].to(cdt)))
+            dw1[e] = matmul_t(d_gate.t(), x_nH.t())
+            dv1[e] = matmul_t(d_up.t(), x_nH.t())
+            dx_nH = matmul_t(d_gate, w1_EFH[e].to(cdt).t()).add_(matmul_t(d_up, v1_EFH[e].to(cdt).t()))
+            dx_TH.index_add_(0, tok, dx_nH)
             start += n
         dt = x_TH.dtype
         return dx_TH.to(dt), None, dweight_N, None, dw1.to(dt), dv1.to(dt), dw2.to(dt)
