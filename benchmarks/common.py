@@ -54,9 +54,10 @@ def matmul_peak(dtype: torch.dtype, repeats: int = 5, device: str = "cpu") -> fl
 
 
 def round_robin_samples(fns: dict[str, Callable[[], Any]], repeats: int, warmups: int = 1,
-                        device: str = "cpu") -> dict[str, list[float]]:
+                        device: str = "cpu", self_timed: bool = False) -> dict[str, list[float]]:
     """Seconds of every timed call. Each round calls each function once, in turn, and every other round
-    reverses the order, so that no contender always runs in the wake of the same other one."""
+    reverses the order, so that no contender always runs in the wake of the same other one. With
+    ``self_timed`` each function returns its own seconds (e.g. measured in another process)."""
     for _ in range(warmups):
         for fn in fns.values():
             fn()
@@ -65,9 +66,9 @@ def round_robin_samples(fns: dict[str, Callable[[], Any]], repeats: int, warmups
     for r in range(repeats):
         for name in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
             t = time.perf_counter()
-            fns[name]()
+            got = fns[name]()
             sync(device)
-            times[name].append(time.perf_counter() - t)
+            times[name].append(float(got) if self_timed else time.perf_counter() - t)
     return times
 
 

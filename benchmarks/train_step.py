@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import multiprocessing
 import statistics
 import sys
 import tempfile
+import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -102,8 +104,8 @@ def step_fn(model: torch.nn.Module, loss_fn: Callable[..., tuple[torch.Tensor, t
 
 
 def _serve(conn: Connection, lib: str, name: str, workdir: str, device: str, moe_backend: str, tokens: torch.Tensor) -> None:
-    """A contender's process: loads ``lib``'s model, then answers ("loss",), ("dtype", name) and ("step",)
-    until ("close",), replying ("ok", value) or ("error", traceback)."""
+    """A contender's process: loads ``lib``'s model, then answers ("loss",), ("dtype", name) and ("steps", n)
+    (the seconds of each of n steps) until ("close",), replying ("ok", value) or ("error", traceback)."""
     try:
         model, loss_fn = load(lib, name, Path(workdir), device, moe_backend)
         x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
@@ -120,9 +122,12 @@ def _serve(conn: Connection, lib: str, name: str, workdir: str, device: str, moe
                 step = step_fn(model, loss_fn, x, y)
             else:
                 assert step is not None, "set a dtype first"
-                step()
-                sync(device)
-                value = None
+                value = []
+                for _ in range(args[0]):
+                    start = time.perf_counter()
+                    step()
+                    sync(device)
+                    value.append(time.perf_counter() - start)
             conn.send(("ok", value))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
@@ -153,8 +158,9 @@ class Contender:
             raise RuntimeError(f"the {self.lib} process failed:\n{value}")
         return value
 
-    def step(self) -> None:
-        self.call("step")
+    def steps(self, n: int) -> float:
+        """The median seconds of ``n`` steps run back to back (timed in the contender's process)."""
+        return statistics.median(self.call("steps", n))
 
     def close(self) -> None:
         if self.process.is_alive():
@@ -162,8 +168,10 @@ class Contender:
         self.process.join(timeout=60)
 
 
-def compare(names: list[str], dtypes: list[str], repeats: int, batch: int, seq: int, device: str = "cpu", moe_backend: str = "auto") -> list[dict[str, Any]]:
-    """Each model's zoo and HF training steps, each library in its own process, timed round-robin."""
+def compare(names: list[str], dtypes: list[str], repeats: int, batch: int, seq: int, device: str = "cpu",
+            moe_backend: str = "auto", block: int = 3) -> list[dict[str, Any]]:
+    """Each model's zoo and HF training steps, each library in its own process: ``repeats`` rounds in which
+    each takes a turn of ``block`` steps (its sample is their median), the order alternating by round."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -181,7 +189,8 @@ def compare(names: list[str], dtypes: list[str], repeats: int, batch: int, seq: 
                 for dname in dtypes:
                     for proc in procs.values():
                         proc.call("dtype", dname)
-                    samples = round_robin_samples({lib: proc.step for lib, proc in procs.items()}, repeats)
+                    samples = round_robin_samples({lib: functools.partial(proc.steps, block) for lib, proc in procs.items()},
+                                                  repeats, self_timed=True)
                     times = {lib: statistics.median(ts) for lib, ts in samples.items()}
                     speedup = paired_ratio(samples["hf"], samples["zoo"])
                     row = {"model": name, "dtype": dname, "batch": batch, "seq": seq, "params": params,
@@ -243,8 +252,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
-    parser.add_argument("--repeats", type=int, default=15, help="timed steps per contender (medians; the speedup is the "
-                        "median of the per-round ratios, which spread about +-3%% from round to round on a 2-core VM)")
+    parser.add_argument("--repeats", type=int, default=15, help="rounds (the speedup is the median of the per-round "
+                        "ratios, which spread about +-3%% from round to round on a 2-core VM); for the MFU model, timed steps")
+    parser.add_argument("--block", type=int, default=3, help="steps each library runs per turn in a round (its sample "
+                        "is their median): a few steps in a row keep its caches warm, as in a training run")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--mfu-batch", type=int, default=4)
@@ -268,8 +279,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                  for d, libs in by_library.items()},
                                "cpu_matmul": cpu_matmul() if args.device == "cpu" else None,
                                "device": args.device, "moe_backend": args.moe_backend,
+                               "rounds": args.repeats, "steps_per_turn": args.block,
                                "vs_hf": compare(args.models, args.dtypes, args.repeats, args.batch, args.seq,
-                                                args.device, args.moe_backend)}
+                                                args.device, args.moe_backend, args.block)}
     if not args.no_mfu:
         results["mfu"] = mfu(args.dtypes, args.repeats, args.mfu_batch, args.mfu_seq, args.compile, args.device)
     after = {d: matmul_peak(DTYPES[d], device=args.device) for d in dtypes}  # the machine's speed drifts: keep the best
