@@ -49,16 +49,18 @@ def test_module_keeps_nn_linear_state():
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("out_features", [40, 160], ids=["narrower-output", "wider-output"])
 @pytest.mark.parametrize("library", ["onednn", "aten"])
-def test_fp32_cpu_linear_matches_fp64_on_either_library(library, monkeypatch):
+def test_fp32_cpu_linear_matches_fp64_on_either_library(library, out_features, monkeypatch):
     """fp32 GEMMs through oneDNN (the default where torch has it) or aten's mm: output and all three
-    gradients within fp32 rounding of an fp64 reference; ``aten`` is exactly ``F.linear``."""
+    gradients within fp32 rounding of an fp64 reference; ``aten`` is exactly ``F.linear``. Both widths
+    of output, as the weight gradient is computed the other way round when the output is the wider."""
     monkeypatch.setenv(CPU_MATMUL_ENV, library)
     gen = torch.Generator().manual_seed(2)
     x = torch.randn(3, 70, 96, generator=gen).requires_grad_()
-    w = torch.randn(40, 96, generator=gen).requires_grad_()
-    b = torch.randn(40, generator=gen).requires_grad_()
-    dy = torch.randn(3, 70, 40, generator=gen)
+    w = torch.randn(out_features, 96, generator=gen).requires_grad_()
+    b = torch.randn(out_features, generator=gen).requires_grad_()
+    dy = torch.randn(3, 70, out_features, generator=gen)
     y = linear(x, w, b)
     y.backward(dy)
     leaves = [t.detach().double().requires_grad_() for t in (x, w, b)]

@@ -103,16 +103,20 @@ class _CPULinear(torch.autograd.Function):
         dx = wgrad = bgrad = None
         if ctx.needs_input_grad[0]:
             dx = matmul_t(dy32, weight.float().t()).view(*x.shape[:-1], weight.shape[1]).to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            wgrad = matmul_t(dy32.t(), x.float().reshape(-1, x.shape[-1]).t()).to(weight.dtype)
+        if ctx.needs_input_grad[1]:  # dy^T x, contracting over tokens; oneDNN copies a transposed source
+            x32 = x.float().reshape(-1, x.shape[-1])  # (not a transposed weight), so the narrower one is the source
+            if dy32.shape[1] > x32.shape[1]:
+                wgrad = matmul_t(x32.t(), dy32.t()).t().contiguous().to(weight.dtype)
+            else:
+                wgrad = matmul_t(dy32.t(), x32.t()).to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             bgrad = dy32.sum(0).to(weight.dtype)
         return dx, wgrad, bgrad
 
 
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
-    """``F.linear``, with CPU GEMMs in fp32 on ``cpu_matmul()``'s library where that is faster (fp32 with
-    oneDNN) or where this CPU has no units for ``x``'s reduced precision."""
+    """``F.linear``; on CPU, through ``_CPULinear`` for fp32 on oneDNN (``cpu_matmul()``, the default) and for
+    reduced precision this CPU has no units for (fp32 GEMMs on the upcast operands)."""
     if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and (
             compute_dtype(x) != x.dtype or (x.dtype == weight.dtype == torch.float32 and cpu_matmul() == "onednn"
                                             and not torch.compiler.is_compiling())):
