@@ -170,8 +170,10 @@ class Contender:
 
 def compare(names: list[str], dtypes: list[str], repeats: int, batch: int, seq: int, device: str = "cpu",
             moe_backend: str = "auto", block: int = 3) -> list[dict[str, Any]]:
-    """Each model's zoo and HF training steps, each library in its own process: ``repeats`` rounds in which
-    each takes a turn of ``block`` steps (its sample is their median), the order alternating by round."""
+    """Each model's zoo and HF training steps, each library in its own process, fresh for each dtype (as a
+    training run has one; a process's earlier steps in another dtype leave its heap in a state of their own):
+    ``repeats`` rounds in which each takes a turn of ``block`` steps (its sample is their median), the order
+    alternating by round. The first-step losses are the fp32 models', from the first pair of processes."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -181,12 +183,13 @@ def compare(names: list[str], dtypes: list[str], repeats: int, batch: int, seq: 
             tokens = torch.randint(0, MODELS[name][1]["vocab_size"], (batch, seq + 1), generator=gen)
             train_flops = zoo.stats(cfg, seq_len=seq).train_flops_per_token * batch * seq
             params = zoo.stats(cfg, seq_len=seq).total_params
-            with contextlib.ExitStack() as stack:
-                procs = {lib: Contender(lib, name, Path(tmp), device, moe_backend, tokens) for lib in ("zoo", "hf")}
-                for proc in procs.values():
-                    stack.callback(proc.close)
-                first = {lib: proc.call("loss") for lib, proc in procs.items()}
-                for dname in dtypes:
+            first: dict[str, float] = {}
+            for dname in dtypes:
+                with contextlib.ExitStack() as stack:
+                    procs = {lib: Contender(lib, name, Path(tmp), device, moe_backend, tokens) for lib in ("zoo", "hf")}
+                    for proc in procs.values():
+                        stack.callback(proc.close)
+                    first = first or {lib: proc.call("loss") for lib, proc in procs.items()}
                     for proc in procs.values():
                         proc.call("dtype", dname)
                     samples = round_robin_samples({lib: functools.partial(proc.steps, block) for lib, proc in procs.items()},
