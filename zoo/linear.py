@@ -74,13 +74,19 @@ def _cpu_matmul(choice: str) -> str:
     return choice
 
 
-def matmul_t(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, library: Optional[str] = None) -> Tensor:
+def matmul_t(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, library: Optional[str] = None,
+             out: Optional[Tensor] = None) -> Tensor:
     """``x @ weight.T (+ bias)``, any strides and leading shape of ``x``, no autograd: fp32 CPU tensors on
-    ``library`` (default ``cpu_matmul()``), anything else through ``F.linear``. The building block of
-    ``linear``'s forward and backward and of the MoE experts' matmuls."""
+    ``library`` (default ``cpu_matmul()``), anything else through ``F.linear``. With ``out`` (2-D ``x``, no
+    bias) the product lands there: written directly by ``torch.mm``, copied from oneDNN's result. The building
+    block of ``linear``'s forward and backward and of the MoE experts' matmuls."""
     if (x.dtype == torch.float32 and x.device.type == "cpu" and (library or cpu_matmul()) == "onednn"
             and not torch.compiler.is_compiling()):  # inductor picks its own GEMMs (and cannot lower this op)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+        return y if out is None else out.copy_(y)
+    if out is not None:
+        assert bias is None and x.dim() == 2, "matmul_t(out=...) takes a 2-D x and no bias"
+        return torch.mm(x, weight.t(), out=out)
     return F.linear(x, weight, bias)
 
 

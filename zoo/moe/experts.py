@@ -184,10 +184,8 @@ class _FusedGLU(torch.autograd.Function):
                 rows = slice(start, start + n)
                 tok = token_N[rows]
                 x_nH = x_TH.index_select(0, tok).to(cdt)
-                gate = gate_NF[rows]
-                gate.copy_(matmul_t(x_nH, w1_EFH[e].to(cdt)))
-                up = up_NF[rows]
-                up.copy_(matmul_t(x_nH, v1_EFH[e].to(cdt)))
+                gate = matmul_t(x_nH, w1_EFH[e].to(cdt), out=gate_NF[rows])
+                up = matmul_t(x_nH, v1_EFH[e].to(cdt), out=up_NF[rows])
                 act = torch.ops.aten.silu.out(gate, out=act_NF[rows])
                 h = act * up
                 h.mul_(weight_N[rows].unsqueeze(1).to(cdt))
@@ -217,12 +215,12 @@ class _FusedGLU(torch.autograd.Function):
             dh = matmul_t(dy_nH, w2_EFH[e].to(cdt))  # gradient of the gated hidden h * w
             act_up = act * up
             dweight_N[rows] = (dh * act_up).sum(1).to(weight_N.dtype)
-            dw2[e] = matmul_t(act_up.mul_(w_n1).t(), dy_nH.t())
+            matmul_t(act_up.mul_(w_n1).t(), dy_nH.t(), out=dw2[e])
             dh.mul_(w_n1)
             d_up = dh * act
             d_gate = torch.ops.aten.silu_backward(dh.mul_(up), gate)
-            dw1[e] = matmul_t(d_gate.t(), x_nH.t())
-            dv1[e] = matmul_t(d_up.t(), x_nH.t())
+            matmul_t(d_gate.t(), x_nH.t(), out=dw1[e])
+            matmul_t(d_up.t(), x_nH.t(), out=dv1[e])
             dx_nH = matmul_t(d_gate, w1_EFH[e].to(cdt).t()).add_(matmul_t(d_up, v1_EFH[e].to(cdt).t()))
             dx_TH.index_add_(0, tok, dx_nH)
             start += n
