@@ -19,6 +19,7 @@ import zoo
 from zoo import Attention, Init
 from zoo.linear import Linear, compute_dtype
 from zoo.attention import LayerCache, max_logit
+from zoo.sdpa import causal_attention
 from zoo.errors import ConfigError
 
 
@@ -173,7 +174,7 @@ class MultiHeadAttention(Attention):
         dtype, cdt = q.dtype, compute_dtype(q)  # fp32 SDPA where this CPU lacks bf16/fp16 units
         q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
         if allowed is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            y = causal_attention(q, k, v)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=gqa)
         return self.out(y.to(dtype).transpose(1, 2).reshape(B, T, -1))
