@@ -24,6 +24,7 @@ from .config import ConfigSource, ModelConfig
 from .data import Corpus, load_corpus
 from .errors import ZooError
 from .linear import cpu_matmul_libraries, matmul_t
+from .malloc import retain_freed_memory
 from .model import ZooModel
 from .moe import after_optimizer_step
 from .stats import model_stats
@@ -239,6 +240,8 @@ def train(model_source: Union[str, ModelConfig], overrides: ConfigSource = None,
         raise ZooError(f"the tokenizer ({corpus.tokenizer_spec}) has {corpus.vocab_size} tokens but the model's vocab_size "
                        f"is {cfg.vocab_size}; add --set vocab_size={corpus.vocab_size} (or more)")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cpu":
+        retain_freed_memory()
     torch.manual_seed(tc.seed)
     model = zoo.build(cfg, device=device)
     opt = make_optimizer(model, tc)
