@@ -31,7 +31,8 @@ def goals(train: dict[str, Any], io: dict[str, Any]) -> list[tuple[str, float, s
                         row["first_step_loss_diff"] <= 1e-4))
     for row in train.get("mfu", []):
         if row["dtype"] == "fp32":
-            out.append((f"~30M dense fp32 training-step MFU >= 65% (seq {row['seq']}, {row.get('mode', 'eager')})",
+            out.append((f"~30M dense fp32 training-step MFU >= 65% (seq {row['seq']}, {row.get('mode', 'eager')}, "
+                        f"{row.get('allocator', 'default')} allocator)",
                         100 * row["mfu"], "%",
                         row["mfu"] >= 0.65))
     for key, label, limit in (("load_vs_read", "zoo.load / reading the file's bytes <= 1.5", 1.5),

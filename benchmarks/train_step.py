@@ -3,7 +3,9 @@ weights (a Llama-, an OLMoE- and a Mixtral-shaped model, each built in transform
 init and imported with ``zoo convert``), forward + backward + AdamW step, in fp32 and bf16; and the
 model FLOP utilisation of a ~30M-parameter dense zoo model at sequence 512. The matmul peaks the
 utilisations refer to are measured in the same run. The zoo and HF models each run in a process of
-their own (see ``Contender``), and their steps are timed round-robin, back to back.
+their own (see ``Contender``), and their steps are timed round-robin, back to back; on CPU both processes
+retain freed memory as ``zoo train`` does (``--allocator default`` for the C library's setting), and the
+MFU model is timed both ways.
 
     python benchmarks/train_step.py                        # everything, writes benchmarks/results/train_step.json
     python benchmarks/train_step.py --models llama --dtypes fp32 --repeats 3
@@ -33,6 +35,7 @@ from common import matmul_peak, matmul_peaks, paired_ratio, round_robin, round_r
 from zoo.checkpoint import checkpoint_config
 from zoo.convert import from_hf
 from zoo.linear import cpu_has_native, cpu_matmul
+from zoo.malloc import retain_freed_memory
 from zoo.moe import after_optimizer_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -103,23 +106,36 @@ def step_fn(model: torch.nn.Module, loss_fn: Callable[..., tuple[torch.Tensor, t
     return step
 
 
-def _serve(conn: Connection, lib: str, name: str, workdir: str, device: str, moe_backend: str, tokens: torch.Tensor) -> None:
-    """A contender's process: loads ``lib``'s model, then answers ("loss",), ("dtype", name) and ("steps", n)
-    (the seconds of each of n steps) until ("close",), replying ("ok", value) or ("error", traceback)."""
+def build_mfu(device: str) -> tuple[torch.nn.Module, Callable[..., Any]]:
+    """The ~30M dense zoo model of the MFU measurement, seeded, fp32, in training mode, with its loss function."""
+    torch.manual_seed(0)
+    return zoo.build("tiny-dense-prenorm", MFU_MODEL, device=device).train(), zoo_loss
+
+
+def _serve(conn: Connection, make: Callable[[], tuple[torch.nn.Module, Callable[..., Any]]], device: str,
+           tokens: torch.Tensor, retain: bool) -> None:
+    """A contender's process: with ``retain``, first ``zoo.malloc.retain_freed_memory()`` (as ``zoo train``
+    does); then builds ``make()``'s model, and answers ("retained",) (whether that applied), ("loss",),
+    ("dtype", name[, compiled]) and ("steps", n) (the seconds of each of n steps) until ("close",),
+    replying ("ok", value) or ("error", traceback)."""
     try:
-        model, loss_fn = load(lib, name, Path(workdir), device, moe_backend)
+        retained = retain_freed_memory() if retain else False
+        model, loss_fn = make()
         x, y = tokens[:, :-1].to(device), tokens[:, 1:].to(device)
         step: Optional[Callable[[], None]] = None
         while True:
             cmd, *args = conn.recv()
             if cmd == "close":
                 return
-            if cmd == "loss":
+            value: Any = None
+            if cmd == "retained":
+                value = retained
+            elif cmd == "loss":
                 with torch.no_grad():
-                    value: Any = float(loss_fn(model, x, y)[0])
+                    value = float(loss_fn(model, x, y)[0])
             elif cmd == "dtype":
-                model, value = model.to(DTYPES[args[0]]), None
-                step = step_fn(model, loss_fn, x, y)
+                model = model.to(DTYPES[args[0]])
+                step = step_fn(model, loss_fn, x, y, compiled=bool(args[1:] and args[1]))
             else:
                 assert step is not None, "set a dtype first"
                 value = []
@@ -134,16 +150,17 @@ def _serve(conn: Connection, lib: str, name: str, workdir: str, device: str, moe
 
 
 class Contender:
-    """One library's model in a process of its own, its steps called from this one. Two models in one process
-    share its heap: one's frees and trims then show up as page faults in the other's steps (measured here as
-    several thousand per step moving between the libraries when one of them changed its allocations)."""
+    """One model in a process of its own (``make`` builds it there), its steps called from this one. Two models
+    in one process share its heap: one's frees and trims then show up as page faults in the other's steps
+    (measured here as several thousand per step moving between the libraries when one of them changed its
+    allocations)."""
 
-    def __init__(self, lib: str, name: str, workdir: Path, device: str, moe_backend: str, tokens: torch.Tensor):
+    def __init__(self, lib: str, make: Callable[[], tuple[torch.nn.Module, Callable[..., Any]]], device: str,
+                 tokens: torch.Tensor, retain: bool):
         self.lib = lib
         ctx = multiprocessing.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.process = ctx.Process(target=_serve, args=(child, lib, name, str(workdir), device, moe_backend, tokens),
-                                   daemon=True)
+        self.process = ctx.Process(target=_serve, args=(child, make, device, tokens, retain), daemon=True)
         self.process.start()
 
     def call(self, *cmd: Any) -> Any:
@@ -169,11 +186,13 @@ class Contender:
 
 
 def compare(names: list[str], dtypes: list[str], repeats: int, batch: int, seq: int, device: str = "cpu",
-            moe_backend: str = "auto", block: int = 3) -> list[dict[str, Any]]:
+            moe_backend: str = "auto", block: int = 3, retain: bool = True) -> list[dict[str, Any]]:
     """Each model's zoo and HF training steps, each library in its own process, fresh for each dtype (as a
     training run has one; a process's earlier steps in another dtype leave its heap in a state of their own):
     ``repeats`` rounds in which each takes a turn of ``block`` steps (its sample is their median), the order
-    alternating by round. The first-step losses are the fp32 models', from the first pair of processes."""
+    alternating by round. The first-step losses are the fp32 models', from the first pair of processes.
+    With ``retain`` both processes keep freed memory (``zoo.malloc``, as ``zoo train`` does on CPU): the
+    same process setting for both libraries."""
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
@@ -186,9 +205,11 @@ def compare(names: list[str], dtypes: list[str], repeats: int, batch: int, seq: 
             first: dict[str, float] = {}
             for dname in dtypes:
                 with contextlib.ExitStack() as stack:
-                    procs = {lib: Contender(lib, name, Path(tmp), device, moe_backend, tokens) for lib in ("zoo", "hf")}
+                    procs = {lib: Contender(lib, functools.partial(load, lib, name, Path(tmp), device, moe_backend),
+                                            device, tokens, retain) for lib in ("zoo", "hf")}
                     for proc in procs.values():
                         stack.callback(proc.close)
+                    retained = {proc.call("retained") for proc in procs.values()}
                     first = first or {lib: proc.call("loss") for lib, proc in procs.items()}
                     for proc in procs.values():
                         proc.call("dtype", dname)
@@ -197,6 +218,7 @@ def compare(names: list[str], dtypes: list[str], repeats: int, batch: int, seq: 
                     times = {lib: statistics.median(ts) for lib, ts in samples.items()}
                     speedup = paired_ratio(samples["hf"], samples["zoo"])
                     row = {"model": name, "dtype": dname, "batch": batch, "seq": seq, "params": params,
+                           "allocator": "retain" if retained == {True} else "default",
                            "first_step_loss": first, "first_step_loss_diff": abs(first["zoo"] - first["hf"]),
                            "zoo_step_ms": times["zoo"] * 1e3, "hf_step_ms": times["hf"] * 1e3,
                            "zoo_tokens_per_s": batch * seq / times["zoo"], "hf_tokens_per_s": batch * seq / times["hf"],
@@ -210,25 +232,42 @@ def compare(names: list[str], dtypes: list[str], repeats: int, batch: int, seq: 
     return rows
 
 
-def mfu(dtypes: list[str], repeats: int, batch: int, seq: int, compiled: bool = False, device: str = "cpu") -> list[dict[str, Any]]:
-    """A training step of the ~30M dense zoo model: achieved FLOP/s over the measured matmul peaks
-    (for bf16 also over the fp32 peak: on CPUs without bf16 units the zoo computes bf16 in fp32)."""
+def mfu(dtypes: list[str], repeats: int, batch: int, seq: int, compiled: bool = False, device: str = "cpu",
+        block: int = 3) -> list[dict[str, Any]]:
+    """A training step of the ~30M dense zoo model: achieved FLOP/s (over the measured matmul peaks, in
+    ``utilisation``). On CPU it runs as ``zoo train`` runs it, with freed memory retained
+    (``zoo.malloc``), and beside it, round-robin in a process of its own, with the C library's defaults."""
+    tokens = torch.randint(0, MFU_MODEL["vocab_size"], (batch, seq + 1), generator=torch.Generator().manual_seed(1))
+    st = zoo.stats(zoo.get_config("tiny-dense-prenorm", MFU_MODEL), seq_len=seq)
+    flops = st.train_flops_per_token * batch * seq
+    allocators = ("retain", "default") if device == "cpu" else ("default",)
     rows = []
     for dname in dtypes:
         for mode in ("eager", "compiled") if compiled else ("eager",):
-            torch.manual_seed(0)
-            model = zoo.build("tiny-dense-prenorm", MFU_MODEL, dtype=DTYPES[dname], device=device).train()
-            tokens = torch.randint(0, MFU_MODEL["vocab_size"], (batch, seq + 1), device=device)
-            step = step_fn(model, zoo_loss, tokens[:, :-1], tokens[:, 1:], compiled=mode == "compiled")
-            seconds = round_robin({"zoo": step}, repeats, warmups=2 if mode == "compiled" else 1, device=device)["zoo"]
-            st = zoo.stats(model.cfg, seq_len=seq)
-            achieved = st.train_flops_per_token * batch * seq / seconds
-            row = {"dtype": dname, "mode": mode, "params": st.total_params, "batch": batch, "seq": seq,
-                   "step_ms": seconds * 1e3, "tokens_per_s": batch * seq / seconds,
-                   "train_flops_per_token": st.train_flops_per_token, "achieved_gflops": achieved / 1e9}
+            with contextlib.ExitStack() as stack:
+                procs = {alloc: Contender(f"zoo ({alloc} allocator)", functools.partial(build_mfu, device), device,
+                                          tokens, retain=alloc == "retain") for alloc in allocators}
+                for proc in procs.values():
+                    stack.callback(proc.close)
+                retained = {alloc: proc.call("retained") for alloc, proc in procs.items()}
+                for proc in procs.values():
+                    proc.call("dtype", dname, mode == "compiled")
+                samples = round_robin_samples({a: functools.partial(proc.steps, block) for a, proc in procs.items()},
+                                              repeats, warmups=2 if mode == "compiled" else 1, self_timed=True)
+            seconds = {alloc: statistics.median(ts) for alloc, ts in samples.items()}
+            main_alloc = "retain" if retained.get("retain") else "default"
+            row: dict[str, Any] = {
+                "dtype": dname, "mode": mode, "params": st.total_params, "batch": batch, "seq": seq,
+                "allocator": main_alloc, "step_ms": seconds[main_alloc] * 1e3,
+                "tokens_per_s": batch * seq / seconds[main_alloc], "train_flops_per_token": st.train_flops_per_token,
+                "achieved_gflops": flops / seconds[main_alloc] / 1e9}
+            if main_alloc == "retain":
+                row["default_allocator"] = {"step_ms": seconds["default"] * 1e3,
+                                            "achieved_gflops": flops / seconds["default"] / 1e9}
             rows.append(row)
             print(f"MFU model {dname} {mode}: {st.total_params / 1e6:.1f}M params, batch {batch} x seq {seq}: "
-                  f"{row['step_ms']:.0f} ms/step, {achieved / 1e9:.1f} GFLOP/s", flush=True)
+                  + "; ".join(f"{alloc} allocator {seconds[alloc] * 1e3:.0f} ms/step, {flops / seconds[alloc] / 1e9:.1f} "
+                              f"GFLOP/s" for alloc in seconds), flush=True)
     return rows
 
 
@@ -245,10 +284,14 @@ def utilisation(results: dict[str, Any]) -> None:
     for row in results.get("mfu", []):
         row["mfu"] = row["achieved_gflops"] * 1e9 / peaks[row["dtype"]]
         row["mfu_of_fp32_peak"] = row["achieved_gflops"] * 1e9 / peaks["fp32"]
+        other = row.get("default_allocator")
+        if other:
+            other["mfu"] = other["achieved_gflops"] * 1e9 / peaks[row["dtype"]]
         why = ": on this CPU the zoo computes bf16 GEMMs in fp32" if upcast else ""
-        print(f"MFU ~{row['params'] / 1e6:.0f}M dense {row['dtype']} {row['mode']}: {100 * row['mfu']:.1f}% of the "
-              f"{row['dtype']} matmul peak" + (f" ({100 * row['mfu_of_fp32_peak']:.1f}% of the fp32 peak{why})"
-                                               if row["dtype"] != "fp32" else ""))
+        print(f"MFU ~{row['params'] / 1e6:.0f}M dense {row['dtype']} {row['mode']} ({row['allocator']} allocator): "
+              f"{100 * row['mfu']:.1f}% of the {row['dtype']} matmul peak"
+              + (f" ({100 * row['mfu_of_fp32_peak']:.1f}% of the fp32 peak{why})" if row["dtype"] != "fp32" else "")
+              + (f"; {100 * other['mfu']:.1f}% with the C library's default allocator" if other else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -256,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=15, help="rounds (the speedup is the median of the per-round "
-                        "ratios, which spread about +-3%% from round to round on a 2-core VM); for the MFU model, timed steps")
+                        "ratios, which spread about +-3%% from round to round on a 2-core VM); the MFU model's too")
     parser.add_argument("--block", type=int, default=3, help="steps each library runs per turn in a round (its sample "
                         "is their median): a few steps in a row keep its caches warm, as in a training run")
     parser.add_argument("--batch", type=int, default=4)
@@ -267,6 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time the MFU model under torch.compile (compiling "
                         "takes minutes on 2 cores)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (peaks and timings synchronize on CUDA)")
+    parser.add_argument("--allocator", choices=("retain", "default"), default="retain",
+                        help="the CPU allocator setting of both libraries' processes in the comparison with HF: retain "
+                        "freed memory as zoo train does (zoo/malloc.py), or the C library's default; the MFU model "
+                        "is timed with both")
     parser.add_argument("--moe-backend", default="auto", help="the zoo MoE backend (megablocks on a CUDA machine with it built)")
     parser.add_argument("--json", default="benchmarks/results/train_step.json")
     args = parser.parse_args(argv)
@@ -284,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
                                "device": args.device, "moe_backend": args.moe_backend,
                                "rounds": args.repeats, "steps_per_turn": args.block,
                                "vs_hf": compare(args.models, args.dtypes, args.repeats, args.batch, args.seq,
-                                                args.device, args.moe_backend, args.block)}
+                                                args.device, args.moe_backend, args.block, args.allocator == "retain")}
     if not args.no_mfu:
-        results["mfu"] = mfu(args.dtypes, args.repeats, args.mfu_batch, args.mfu_seq, args.compile, args.device)
+        results["mfu"] = mfu(args.dtypes, args.repeats, args.mfu_batch, args.mfu_seq, args.compile, args.device,
+                             args.block)
     after = {d: matmul_peak(DTYPES[d], device=args.device) for d in dtypes}  # the machine's speed drifts: keep the best
     results["matmul_peak_gflops_measured"] = {d: [peaks[d] / 1e9, after[d] / 1e9] for d in dtypes}
     results["matmul_peak_gflops"] = {d: max(peaks[d], after[d]) / 1e9 for d in dtypes}
