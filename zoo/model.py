@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, LayerCache
 from .config import ModelConfig, resolve_options
+from .cross_entropy import cross_entropy
 from .errors import ConfigError
 from .ffn import SwiGLU
 from .generate import GenerationError
@@ -148,7 +148,7 @@ class ZooModel(nn.Module):
         logits = linear(x, self.lm_head_weight)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         aux_loss = None
         stats: list[dict[str, Any]] = []
         for a in aux:
