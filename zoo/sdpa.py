@@ -53,16 +53,17 @@ class _CausalAttention(torch.autograd.Function):
         out = torch.empty_like(qs)
         keep = any(ctx.needs_input_grad)
         probs: list[Tensor] = []
-        for b in range(B):
-            for h in range(H):
-                qh, kh, vh = qs[b, h], k[b, h // group], v[b, h // group]
-                for s, e in _blocks(T):
-                    scores = _mm(qh[s:e], kh[:e])
-                    scores[:, s:].masked_fill_(_above_diagonal(e - s, q.device), float("-inf"))
-                    p = torch.softmax(scores, -1)
-                    out[b, h, s:e] = _mm(p, vh[:e].t())
-                    if keep:
-                        probs.append(p)
+        blocks = [(s, e, _above_diagonal(e - s, q.device)) for s, e in _blocks(T)]
+        qf, kf, vf, of = (t.view(-1, T, d).unbind(0) for t in (qs, k, v, out))  # one (T, d) matrix per head
+        for i, (qh, oh) in enumerate(zip(qf, of)):
+            kh, vh = kf[i // group], vf[i // group]
+            for s, e, mask in blocks:
+                scores = _mm(qh[s:e], kh[:e])
+                scores[:, s:].masked_fill_(mask, float("-inf"))
+                p = torch.softmax(scores, -1)
+                oh[s:e].copy_(_mm(p, vh[:e].t()))
+                if keep:
+                    probs.append(p)
         ctx.probs, ctx.scale, ctx.group = probs, scale, group
         ctx.save_for_backward(qs, k, v, out)
         return out
@@ -83,22 +84,24 @@ class _CausalAttention(torch.autograd.Function):
         dk_t = k.new_empty(B, k.shape[1], d, T)
         dv_t = v.new_empty(B, v.shape[1], d, T)
         blocks = _blocks(T)
-        for b in range(B):
-            for h in range(H):
-                hk = h // group
-                kh, vh, doh = k[b, hk], v[b, hk], dout[b, h]
-                for j in reversed(range(len(blocks))):  # the last block sees every key: it writes, the rest add
-                    s, e = blocks[j]
-                    p = probs[(b * H + h) * len(blocks) + j]
-                    dv = _mm(dout_t[b, h, :, s:e].contiguous(), p.t())
-                    ds = _mm(doh[s:e], vh[:e]).sub_(delta[b, h, s:e]).mul_(p)
-                    dq[b, h, s:e] = _mm(ds, kh[:e].t())
-                    dk = _mm(qs_t[b, h, :, s:e].contiguous(), ds.t())
-                    if h % group == 0 and j == len(blocks) - 1:
-                        dv_t[b, hk, :, :e], dk_t[b, hk, :, :e] = dv, dk
-                    else:
-                        dv_t[b, hk, :, :e] += dv
-                        dk_t[b, hk, :, :e] += dk
+        n = len(blocks)
+        heads = zip(*(t.view(-1, *t.shape[2:]).unbind(0) for t in (dout, dout_t, qs_t, delta, dq)))
+        kf, vf, dkf, dvf = (t.view(-1, *t.shape[2:]).unbind(0) for t in (k, v, dk_t, dv_t))
+        for i, (doh, doh_t, qh_t, dlh, dqh) in enumerate(heads):
+            kh, vh, dkh, dvh = kf[i // group], vf[i // group], dkf[i // group], dvf[i // group]
+            for j in reversed(range(n)):  # the last block sees every key: it writes, the rest add
+                s, e = blocks[j]
+                p = probs[i * n + j]
+                dv = _mm(doh_t[:, s:e].contiguous(), p.t())
+                ds = _mm(doh[s:e], vh[:e]).sub_(dlh[s:e]).mul_(p)
+                dqh[s:e].copy_(_mm(ds, kh[:e].t()))
+                dk = _mm(qh_t[:, s:e].contiguous(), ds.t())
+                if i % group == 0 and j == n - 1:
+                    dvh.copy_(dv)
+                    dkh.copy_(dk)
+                else:
+                    dvh[:, :e].add_(dv)
+                    dkh[:, :e].add_(dk)
         dq.mul_(ctx.scale)
         return dq, dk_t.transpose(-1, -2), dv_t.transpose(-1, -2), None
 
