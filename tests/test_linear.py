@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.errors import ConfigError
-from zoo.linear import CPU_MATMUL_ENV, Linear, compute_dtype, cpu_matmul, cpu_matmul_libraries, linear
+from zoo.linear import CPU_MATMUL_ENV, Linear, compute_dtype, cpu_matmul, cpu_matmul_libraries, linear, weight_grad
 
 
 def _operands(dtype: torch.dtype, bias: bool):
@@ -73,6 +73,20 @@ def test_fp32_cpu_linear_matches_fp64_on_either_library(library, out_features, m
         torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5 * want.abs().max().item())
     if library == "aten":
         assert torch.equal(y, F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("shape", [(300, 24, 80), (300, 80, 24)], ids=["wider-output", "narrower-output"])
+@pytest.mark.parametrize("library", ["onednn", "aten"])
+def test_weight_grad_is_dy_transposed_times_x(library, shape):
+    if library not in cpu_matmul_libraries():
+        pytest.skip(f"this torch has no {library} matmul")
+    n, k, out = shape
+    gen = torch.Generator().manual_seed(3)
+    dy, x = torch.randn(n, out, generator=gen), torch.randn(n, k, generator=gen)
+    got = weight_grad(dy, x, torch.empty(out, k), library=library)
+    want = dy.double().t() @ x.double()
+    assert got.shape == (out, k) and got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=2e-5 * want.abs().max().item())
 
 
 def test_autocast_and_other_devices_get_plain_f_linear():
