@@ -93,7 +93,7 @@ def matmul_t(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, library: 
 def weight_grad(dy: Tensor, x: Tensor, weight: Tensor, library: Optional[str] = None) -> Tensor:
     """``dy^T x``, a linear layer's weight gradient ``(out, in)`` from 2-D ``dy`` ``(n, out)`` and ``x`` ``(n, in)``
     (``weight`` gives only its shape), fp32 on CPU: on oneDNN its inner-product backward-weights primitive,
-    which contracts over the rows without the transposed copies a matmul needs (14-16% faster at a 30M
+    which contracts over the rows without the transposed copies a matmul needs (12-16% faster at a 30M
     model's FFN and QKV shapes here); on aten a matmul whose transposed source is the narrower operand."""
     if ((library or cpu_matmul()) == "onednn" and not torch.compiler.is_compiling()
             and hasattr(torch.ops.aten, "mkldnn_linear_backward_weights")):
