@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from common import matmul_peak, matmul_peaks, paired_ratio, round_robin, round_robin_samples, sync
+from common import matmul_peak, matmul_peaks, paired_ratio, round_robin_samples, sync
 from zoo.checkpoint import checkpoint_config
 from zoo.convert import from_hf
 from zoo.linear import cpu_has_native, cpu_matmul

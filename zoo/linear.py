@@ -74,15 +74,28 @@ def _cpu_matmul(choice: str) -> str:
     return choice
 
 
+def uses_onednn(*tensors: Tensor, library: Optional[str] = None) -> bool:
+    """Whether GEMMs on ``tensors`` run on oneDNN: all fp32 on CPU, ``library`` (default ``cpu_matmul()``) is
+    ``onednn``, and no torch.compile trace is running (inductor picks its own GEMMs, and cannot lower oneDNN's op)."""
+    return (all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+            and (library or cpu_matmul()) == "onednn" and not torch.compiler.is_compiling())
+
+
+def onednn_matmul_t(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ weight.T (+ bias)`` on oneDNN with no checks, for loops that made them once (``uses_onednn``): fp32
+    CPU operands, ``weight`` contiguous or a transposed view of a contiguous matrix (other strides run at about
+    1 GFLOP/s)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+
+
 def matmul_t(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, library: Optional[str] = None,
              out: Optional[Tensor] = None) -> Tensor:
     """``x @ weight.T (+ bias)``, any strides and leading shape of ``x``, no autograd: fp32 CPU tensors on
     ``library`` (default ``cpu_matmul()``), anything else through ``F.linear``. With ``out`` (2-D ``x``, no
     bias) the product lands there: written directly by ``torch.mm``, copied from oneDNN's result. The building
     block of ``linear``'s forward and backward and of the MoE experts' matmuls."""
-    if (x.dtype == torch.float32 and x.device.type == "cpu" and (library or cpu_matmul()) == "onednn"
-            and not torch.compiler.is_compiling()):  # inductor picks its own GEMMs (and cannot lower this op)
-        y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [None], "")
+    if uses_onednn(x, library=library):
+        y = onednn_matmul_t(x, weight, bias)
         return y if out is None else out.copy_(y)
     if out is not None:
         assert bias is None and x.dim() == 2, "matmul_t(out=...) takes a 2-D x and no bias"
@@ -95,8 +108,7 @@ def weight_grad(dy: Tensor, x: Tensor, weight: Tensor, library: Optional[str] = 
     (``weight`` gives only its shape), fp32 on CPU: on oneDNN its inner-product backward-weights primitive,
     which contracts over the rows without the transposed copies a matmul needs (12-16% faster at a 30M
     model's FFN and QKV shapes here); on aten a matmul whose transposed source is the narrower operand."""
-    if ((library or cpu_matmul()) == "onednn" and not torch.compiler.is_compiling()
-            and hasattr(torch.ops.aten, "mkldnn_linear_backward_weights")):
+    if uses_onednn(dy, x, library=library) and hasattr(torch.ops.aten, "mkldnn_linear_backward_weights"):
         return torch.ops.aten.mkldnn_linear_backward_weights(dy.contiguous().to_mkldnn(), x.contiguous().to_mkldnn(),
                                                              weight, False)[0]
     if dy.shape[1] > x.shape[1]:
@@ -134,8 +146,7 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``F.linear``; on CPU, through ``_CPULinear`` for fp32 on oneDNN (``cpu_matmul()``, the default) and for
     reduced precision this CPU has no units for (fp32 GEMMs on the upcast operands)."""
     if x.device.type == "cpu" and not torch.is_autocast_enabled("cpu") and (
-            compute_dtype(x) != x.dtype or (x.dtype == weight.dtype == torch.float32 and cpu_matmul() == "onednn"
-                                            and not torch.compiler.is_compiling())):
+            compute_dtype(x) != x.dtype or uses_onednn(x, weight)):
         return _CPULinear.apply(x, weight, bias)
     return F.linear(x, weight, bias)
 

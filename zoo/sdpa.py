@@ -18,15 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .linear import cpu_matmul
+from .linear import onednn_matmul_t, uses_onednn
 
 BLOCK = 256
 SAVED_BYTES = 256 << 20
-
-
-def _mm(x: Tensor, w: Tensor) -> Tensor:
-    """``x @ w.T`` on oneDNN (``x`` with contiguous rows; ``w`` contiguous or a transposed view of it)."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [None], "")
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,10 +53,10 @@ class _CausalAttention(torch.autograd.Function):
         for i, (qh, oh) in enumerate(zip(qf, of)):
             kh, vh = kf[i // group], vf[i // group]
             for s, e, mask in blocks:
-                scores = _mm(qh[s:e], kh[:e])
+                scores = onednn_matmul_t(qh[s:e], kh[:e])
                 scores[:, s:].masked_fill_(mask, float("-inf"))
                 p = torch.softmax(scores, -1)
-                oh[s:e].copy_(_mm(p, vh[:e].t()))
+                oh[s:e].copy_(onednn_matmul_t(p, vh[:e].t()))
                 if keep:
                     probs.append(p)
         ctx.probs, ctx.scale, ctx.group = probs, scale, group
@@ -92,10 +87,10 @@ class _CausalAttention(torch.autograd.Function):
             for j in reversed(range(n)):  # the last block sees every key: it writes, the rest add
                 s, e = blocks[j]
                 p = probs[i * n + j]
-                dv = _mm(doh_t[:, s:e].contiguous(), p.t())
-                ds = _mm(doh[s:e], vh[:e]).sub_(dlh[s:e]).mul_(p)
-                dqh[s:e].copy_(_mm(ds, kh[:e].t()))
-                dk = _mm(qh_t[:, s:e].contiguous(), ds.t())
+                dv = onednn_matmul_t(doh_t[:, s:e].contiguous(), p.t())
+                ds = onednn_matmul_t(doh[s:e], vh[:e]).sub_(dlh[s:e]).mul_(p)
+                dqh[s:e].copy_(onednn_matmul_t(ds, kh[:e].t()))
+                dk = onednn_matmul_t(qh_t[:, s:e].contiguous(), ds.t())
                 if i % group == 0 and j == n - 1:
                     dvh.copy_(dv)
                     dkh.copy_(dk)
@@ -108,9 +103,8 @@ class _CausalAttention(torch.autograd.Function):
 
 def _on_onednn(q: Tensor, k: Tensor, v: Tensor) -> bool:
     B, H, T, _ = q.shape
-    return (T > BLOCK and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.float32
-            and cpu_matmul() == "onednn" and not torch.is_autocast_enabled("cpu")
-            and not torch.compiler.is_compiling() and k.shape[-2] == T and H % k.shape[1] == 0
+    return (T > BLOCK and uses_onednn(q, k, v) and not torch.is_autocast_enabled("cpu")
+            and k.shape[-2] == T and H % k.shape[1] == 0
             and (not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
                  or B * H * sum((e - s) * e for s, e in _blocks(T)) * q.element_size() <= SAVED_BYTES))
 
