@@ -42,8 +42,9 @@ from safetensors.torch import load_file
 
 import zoo
 from zoo import hub
-from zoo.hub_server import sha256_file
-from zoo.hub_transfer import new_hash
+from zoo.files import WEIGHTS_NAME
+from zoo.hub.protocol import sha256_file
+from zoo.hub.transfer import new_hash
 
 VARIANT = "tiny-dense-prenorm"
 SIZES = {  # name: config overrides (tied embeddings, as the variant has them)
@@ -185,8 +186,8 @@ def bench_pull(path: Path, work: Path, repeats: int) -> dict[str, Any]:
     disable_progress_bars()
     name = "checkpoint-io-bench"
     index = work / "index.json"
-    folder = hub.publish(path, work / "hub", name=name, index=index)
-    src = folder / hub.WEIGHTS
+    folder = zoo.publish(path, work / "hub", name=name, index=index)
+    src = folder / WEIGHTS_NAME
     nbytes = src.stat().st_size
     counter = iter(range(10**9))
 
@@ -197,13 +198,13 @@ def bench_pull(path: Path, work: Path, repeats: int) -> dict[str, Any]:
 
     proc, url = start_server(work / "hub")
     try:
-        file_url = f"{url}/zoo/{name}/resolve/main/{hub.WEIGHTS}"
+        file_url = f"{url}/zoo/{name}/resolve/main/{WEIGHTS_NAME}"
 
         def copy() -> None:
-            shutil.copyfile(src, fresh("copy") / hub.WEIGHTS)
+            shutil.copyfile(src, fresh("copy") / WEIGHTS_NAME)
 
         def http_get() -> None:
-            with urllib.request.urlopen(file_url) as r, open(fresh("get") / hub.WEIGHTS, "wb") as f:
+            with urllib.request.urlopen(file_url) as r, open(fresh("get") / WEIGHTS_NAME, "wb") as f:
                 shutil.copyfileobj(r, f, 1 << 20)
 
         def pull() -> Path:  # pinned by the index, as zoo.build(name, pretrained=True) pulls the zoo's variants
@@ -216,7 +217,7 @@ def bench_pull(path: Path, work: Path, repeats: int) -> dict[str, Any]:
             default = constants.DOWNLOAD_CHUNK_SIZE
             constants.DOWNLOAD_CHUNK_SIZE = chunk
             try:
-                hf_hub_download(f"zoo/{name}", hub.WEIGHTS, endpoint=url, cache_dir=fresh("hf"), token=False)
+                hf_hub_download(f"zoo/{name}", WEIGHTS_NAME, endpoint=url, cache_dir=fresh("hf"), token=False)
             finally:
                 constants.DOWNLOAD_CHUNK_SIZE = default
 
@@ -231,7 +232,7 @@ def bench_pull(path: Path, work: Path, repeats: int) -> dict[str, Any]:
             "blake3_weights": lambda: digest_file(src, "blake3"),
         }
         times = round_robin(fns, repeats, after=lambda: shutil.rmtree(work / "scratch", ignore_errors=True))
-        verified = all(sha256_file(fn() / hub.WEIGHTS) == sha256_file(src) for fn in (pull, pull_unindexed))
+        verified = all(sha256_file(fn() / WEIGHTS_NAME) == sha256_file(src) for fn in (pull, pull_unindexed))
     finally:
         stop_server(proc)
         shutil.rmtree(work / "scratch", ignore_errors=True)

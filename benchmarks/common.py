@@ -24,7 +24,7 @@ def matmul_peaks(dtype: torch.dtype, repeats: int = 5, device: str = "cpu") -> d
     that can run them: torch's ``mm``, and for fp32 on CPU also oneDNN (``zoo.linear.cpu_matmul_libraries``),
     which on some CPUs is twice MKL's speed. Several shapes, including a transformer layer's, so that no
     model GEMM can beat the "peak" merely by having a friendlier shape than one square probe."""
-    from zoo.linear import cpu_matmul_libraries, matmul_t
+    from zoo.kernels.gemm import cpu_matmul_libraries, matmul_t
 
     shapes: tuple[tuple[int, int, int], ...] = PEAK_SHAPES
     libraries: dict[str, Callable[[torch.Tensor, torch.Tensor], Any]] = {"aten": lambda a, bt: a @ bt.t()}

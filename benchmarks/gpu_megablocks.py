@@ -15,6 +15,7 @@ import statistics
 import torch
 
 import zoo
+from zoo.builder import build_ffn
 from zoo.moe import MoEFFN
 from zoo.moe.experts import megablocks_gmm
 
@@ -24,7 +25,7 @@ SHAPES = {"tiny": (8, 2, 128, 256, 4096), "olmoe-1b-7b": (64, 8, 2048, 1024, 819
 def layer(E: int, k: int, H: int, F: int, backend: str) -> MoEFFN:
     cfg = zoo.get_config("tiny-moe-prenorm", {"d_model": H, "n_heads": 16, "moe": {
         "num_experts": E, "top_k": k, "hidden_size": F, "backend": backend}})
-    m = MoEFFN(cfg, 0)
+    m = build_ffn(cfg, 0)
     m.init_weights(zoo.Init.from_config(cfg))
     return m.cuda().bfloat16()
 

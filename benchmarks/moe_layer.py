@@ -18,7 +18,8 @@ import torch
 
 import zoo
 from common import matmul_peak
-from zoo.ffn import SwiGLU
+from zoo.model import SwiGLU
+from zoo.builder import build_ffn
 from zoo.moe import MoEFFN
 
 SHAPES = {  # name: (E, k, H, F, tokens, renormalize, HF family)
@@ -76,7 +77,7 @@ def copy_to_hf(layer: MoEFFN, block: torch.nn.Module) -> None:
 def zoo_layer(E: int, k: int, H: int, F: int, renormalize: bool, backend: str) -> MoEFFN:
     cfg = zoo.get_config("tiny-moe-prenorm", {"d_model": H, "n_heads": 4, "moe": {
         "num_experts": E, "top_k": k, "hidden_size": F, "backend": backend, "router_options": {"renormalize": renormalize}}})
-    layer = MoEFFN(cfg, 0)
+    layer = build_ffn(cfg, 0)
     layer.init_weights(zoo.Init.from_config(cfg))
     return layer
 

@@ -33,9 +33,9 @@ import torch.nn.functional as F
 import zoo
 from common import matmul_peak, matmul_peaks, paired_ratio, round_robin_samples, sync
 from zoo.checkpoint import checkpoint_config
-from zoo.convert import from_hf
-from zoo.linear import cpu_has_native, cpu_matmul
-from zoo.malloc import retain_freed_memory
+from zoo.interop.hf import from_hf
+from zoo.kernels.gemm import cpu_has_native, cpu_matmul
+from zoo.train.malloc import retain_freed_memory
 from zoo.moe import after_optimizer_step
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

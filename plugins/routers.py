@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import zoo
-from zoo.errors import ConfigError
+from zoo import ConfigError
 from zoo.moe import Router, Routing, softmax_topk
 
 
@@ -51,7 +51,7 @@ class SwitchRouter(Router):
         probs, weights, indices = softmax_topk(logits, 1)
         routing = self.token_choice(logits, probs, weights, indices)
         cf = self.options.capacity_factor
-        if cf is None or logits.is_meta:
+        if cf is None:
             return routing
         T = logits.shape[0]
         capacity = math.ceil(T / self.num_experts * cf)
@@ -101,7 +101,7 @@ class SigmoidBiasRouter(Router):
         weights = weights * self.options.route_scale
         probs = scores / scores.sum(dim=-1, keepdim=True)
         routing = self.token_choice(logits, probs, weights, indices)
-        if self.training and not logits.is_meta:
+        if self.training:
             load = routing.selected.to(torch.float32)
             self.pending_load = load if self.pending_load is None else self.pending_load + load
         return routing
@@ -143,7 +143,7 @@ class SinkhornRouter(Router):
         tol: float = 1e-4
 
     def route(self, logits: Tensor) -> Routing:
-        if self.training and not logits.is_meta:
+        if self.training:
             with torch.no_grad():
                 stable = logits - logits.max()
                 _, indices = torch.topk(sinkhorn(stable.exp(), self.options.tol), self.top_k, dim=-1)
@@ -175,10 +175,16 @@ class ExpertChoiceRouter(Router):
                 "the whole batch, so a token's output depends on tokens after it (it sees the future). Set "
                 "moe.router_options.allow_causal=true to use it anyway, e.g. for a non-causal experiment.")
 
+    def capacity(self, tokens: int) -> int:
+        return min(tokens, math.ceil(tokens * self.options.capacity_factor / self.num_experts))
+
+    def assignments(self, tokens: int) -> int:
+        return self.num_experts * self.capacity(tokens)
+
     def route(self, logits: Tensor) -> Routing:
         T, E = logits.shape
         probs = F.softmax(logits, dim=-1)
-        capacity = min(T, math.ceil(T * self.options.capacity_factor / E))
+        capacity = self.capacity(T)
         weights, token = torch.topk(probs.t(), capacity, dim=-1)  # (E, C)
         expert = torch.arange(E, device=logits.device).repeat_interleave(capacity)
         selected = torch.full((E,), capacity, device=logits.device, dtype=torch.long)

@@ -192,21 +192,21 @@ def test_rope_pairing_is_rotate_half():
 def test_rope_gradient_is_the_reference_rotations_gradient():
     """RoPE's hand-written backward (the inverse rotation) gives autograd's gradient of the reference; the
     per-row tables of generation rotate, forward and backward, exactly as the shared ones do."""
-    from zoo.plugins.attention import apply_rope, apply_rope_at, rope_at, rope_cos_sin
+    from zoo.nn import apply_rope, rope_tables, rope_tables_at
 
     gen = torch.Generator().manual_seed(3)
     B, T, heads, d_h, theta = 2, 9, 3, 16, 500.0
     x = torch.randn(B, T, heads, d_h, generator=gen, dtype=torch.float64)
     dy = torch.randn(B, T, heads, d_h, generator=gen, dtype=torch.float64)
     xs, xr, xp = (x.clone().requires_grad_() for _ in range(3))
-    y = apply_rope(xs, *rope_cos_sin(T, d_h, theta, x.device, torch.float64))
+    y = apply_rope(xs, *rope_tables(T, d_h, theta, x.device, torch.float64))
     y.backward(dy)
     want = ref_rope(xr, theta)
     want.backward(dy)
     torch.testing.assert_close(y, want, atol=1e-6, rtol=0)  # the zoo's tables are computed in fp32
     torch.testing.assert_close(xs.grad, xr.grad, atol=1e-6, rtol=0)
     assert (xs.grad - dy).abs().max() > 0.1  # the rotation is not the identity at these positions
-    yp = apply_rope_at(xp, *rope_at(torch.arange(T).expand(B, T), d_h, theta, torch.float64))
+    yp = apply_rope(xp, *rope_tables_at(torch.arange(T).expand(B, T), d_h, theta, torch.float64))
     yp.backward(dy)
     torch.testing.assert_close(yp, y, atol=0, rtol=0)
     torch.testing.assert_close(xp.grad, xs.grad, atol=0, rtol=0)
@@ -217,7 +217,7 @@ def test_rope_gradient_is_the_reference_rotations_gradient():
 def test_max_logit_causal_blocks_equal_a_full_mask(T, S, budget):
     """``max_logit(causal=True)`` multiplies each query block only with the keys it sees and masks only
     its diagonal; it must give the maximum under the full causal mask (aligned to the last key)."""
-    from zoo.attention import max_logit
+    from zoo.nn import max_logit
 
     gen = torch.Generator().manual_seed(4)
     q = torch.randn(2, 3, T, 8, generator=gen, dtype=torch.float64)

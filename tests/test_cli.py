@@ -93,15 +93,16 @@ def test_info_applies_overrides(results):
 
 def test_plugins_json(results):
     records = {r["name"]: r for r in json.loads(_ok(results["plugins"]).stdout)}
-    assert {"zoo.norms", "zoo.attention", "zoo.variants"} <= set(records)
-    for name in ("zoo.norms", "zoo.attention", "zoo.variants"):
+    builtins = ("zoo.norm_layers", "zoo.norm_strategies", "zoo.attention", "zoo.routers", "zoo.variants")
+    assert set(builtins) <= set(records)
+    for name in builtins:
         r = records[name]
         assert set(r) == {"name", "source", "status", "error", "registered"}
         assert r["status"] == "ok" and r["error"] is None
         assert "hybridnorm-zoo" in r["source"]
-    norms = records["zoo.norms"]["registered"]
-    assert {"prenorm", "postnorm", "hybridnorm", "hybridnorm-star"} <= set(norms["norm strategy"])
-    assert {"rmsnorm", "layernorm"} <= set(norms["norm layer"])
+    assert {"prenorm", "postnorm", "hybridnorm", "hybridnorm-star"} <= set(
+        records["zoo.norm_strategies"]["registered"]["norm strategy"])
+    assert records["zoo.norm_layers"]["registered"] == {"norm layer": ["rmsnorm", "layernorm", "dyt"]}
     assert records["zoo.attention"]["registered"] == {"attention": ["mha"]}
     variants = records["zoo.variants"]["registered"]["variant"]
     assert set(zoo.list_models("tiny-dense-*")) <= set(variants)

@@ -12,7 +12,7 @@ import torch
 
 import zoo
 from zoo.config import merge_config
-from zoo.convert import HFConversionError, export_arch, from_hf, hf_to_config, state_dict_to_hf, to_hf
+from zoo.interop.hf import HFConversionError, export_arch, from_hf, hf_to_config, state_dict_to_hf, to_hf
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from zoo.cross_entropy import cross_entropy
+from zoo.kernels.cross_entropy import cross_entropy
 
 
 def _case(dtype: torch.dtype, ignore: bool = True):

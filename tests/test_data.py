@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pytest
 
-from zoo import data as zd
-from zoo.data import DataError, load_corpus
+from zoo.train import data as zd
+from zoo.train.data import DataError, load_corpus
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -249,7 +249,7 @@ def test_too_short_a_split_says_what_to_do(tmp_path):
 @pytest.fixture
 def bpe():
     pytest.importorskip("tokenizers")
-    from zoo import bpe
+    from zoo.train import bpe
     return bpe
 
 
@@ -289,7 +289,7 @@ def test_bpe_corpus_memmaps_separates_documents_and_trains_on_train_only(bpe, fo
 
 def test_train_with_bpe_saves_the_tokenizer_beside_the_checkpoint(bpe, folder, tmp_path):
     import zoo
-    from zoo.tokenizer import tokenizer_for
+    from zoo.train.tokenizer import tokenizer_for
     from zoo.train import TrainConfig, train
     tc = TrainConfig(steps=3, batch_size=2, seq_len=32, warmup_steps=1, eval_every=3, eval_batches=1,
                      data=str(folder), tokenizer="bpe:512")

@@ -23,7 +23,7 @@ from zoo.registry import REGISTRY
 pytestmark = pytest.mark.usefixtures("registry_unchanged")
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-BUILTIN_PLUGINS = ("zoo.norms", "zoo.attention", "zoo.routers", "zoo.variants")
+BUILTIN_PLUGINS = ("zoo.norm_layers", "zoo.norm_strategies", "zoo.attention", "zoo.routers", "zoo.variants")
 
 
 def _read(name: str) -> str:
@@ -43,14 +43,55 @@ def _python_blocks(text: str) -> list[str]:
 # ---------------------------------------------------------------------------------------------
 # Reference coverage
 # ---------------------------------------------------------------------------------------------
+def _specs() -> dict[str, Any]:
+    return {name: fn for name, fn in vars(hookspecs).items() if callable(fn) and getattr(fn, "zoo_spec", None) is not None}
+
+
 def test_every_hook_has_a_reference_heading():
-    specs = [name for name, fn in vars(hookspecs).items() if callable(fn) and getattr(fn, "zoo_spec", None) is not None]
+    """One ``### hook(args)`` heading per hookspec, with the spec's own argument names."""
+    specs = _specs()
     assert specs, "no hookspecs found"
-    headings = set(re.findall(r"^### (\w+)\(register\)\s*$", _read("plugins.md"), flags=re.M))
-    missing = [name for name in specs if name not in headings]
-    assert not missing, f"docs/plugins.md lacks '### <hook>(register)' headings for {missing}"
-    unknown = sorted(headings - set(specs))
-    assert not unknown, f"docs/plugins.md documents hooks that do not exist: {unknown}"
+    headings = dict(re.findall(r"^### (\w+)\(([\w, ]*)\)\s*$", _read("plugins.md"), flags=re.M))
+    assert sorted(headings) == sorted(specs), "docs/plugins.md's hook headings differ from zoo/hookspecs.py"
+    for name, fn in specs.items():
+        assert headings[name].replace(" ", "").split(",") == list(inspect.signature(fn).parameters), name
+
+
+BASES = {"register_norm_strategies": zoo.NormStrategy, "register_attention": zoo.Attention,
+         "register_routers": zoo.moe.Router}
+
+
+def _contract(doc: str, label: str) -> str:
+    """The text of one ``Label: ...`` paragraph of a hookspec docstring."""
+    m = re.search(rf"^{label}: (.*?)(?=^\w+: |\Z)", inspect.cleandoc(doc), flags=re.M | re.S)
+    assert m, f"no {label} in {doc[:60]!r}"
+    return " ".join(m.group(1).split())
+
+
+def _hook_section(name: str) -> str:
+    text = _read("plugins.md")
+    start = text.index(f"### {name}(")
+    end = text.find("\n### ", start + 1)
+    return text[start:end if end > 0 else None]
+
+
+@pytest.mark.parametrize("hook", sorted(BASES))
+def test_hookspec_docstrings_are_the_reference(hook):
+    """Each class hook's docstring names its constructor, attributes and methods; they are the base class's,
+    and docs/plugins.md's reference section for the hook has each of them."""
+    doc, base, section = _specs()[hook].__doc__, BASES[hook], " ".join(_hook_section(hook).split())
+    constructor = re.match(r"``cls\(([^)]*)\)``", _contract(doc, "Constructor")).group(1)
+    args = [a.strip() for a in constructor.split(",") if a.strip() != "*"]
+    assert args == list(inspect.signature(base.__init__).parameters)[1:], (hook, args)
+    assert f"cls({constructor})" in section.replace("`", ""), (hook, constructor)
+    for attribute in re.findall(r"``(\w+)``(?: / ``(\w+)``)?", _contract(doc, "Attributes")):
+        for a in filter(None, attribute):
+            assert hasattr(base, a) or a in inspect.getsource(base.__init__), (hook, a)
+            assert re.search(rf"`[^`]*\b{a}\b[^`]*`", section), f"docs/plugins.md's {hook} section does not mention `{a}`"
+    for method, params in re.findall(r"``(\w+)\(([^)]*)\)``", _contract(doc, "Methods")):
+        wanted = [p.strip() for p in params.split(",") if p.strip()]
+        assert list(inspect.signature(getattr(base, method)).parameters)[1:] == wanted, (hook, method)
+        assert re.search(rf"`[^`]*\b{method}\(", section), f"docs/plugins.md's {hook} section does not mention `{method}(...)`"
 
 
 def _dotted_fields(cls: type, prefix: str = "") -> Iterator[str]:

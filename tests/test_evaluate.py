@@ -15,8 +15,8 @@ from huggingface_hub import ModelCard
 import zoo
 from zoo.cards import check_cards
 from zoo.cli import main
-from zoo.data import load_corpus
-from zoo.evaluate import EvalError, count_bytes, evaluate
+from zoo.train.data import load_corpus
+from zoo.train.evaluate import EvalError, count_bytes, evaluate
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

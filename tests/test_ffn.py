@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from zoo.ffn import SwiGLU, swiglu
+from zoo.kernels.swiglu import swiglu
+from zoo.model import SwiGLU
 
 
 def ref_swiglu(gate_up: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 
 import zoo
 import zoo.cli
-from zoo.generate import GenerationError, sample_next
+from zoo.model.generate import GenerationError, sample_next
 from zoo.registry import REGISTRY
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -237,7 +237,7 @@ HF_CASES = {
 def test_imported_hf_model_generates_what_transformers_generates(case, tmp_path):
     transformers = pytest.importorskip("transformers")
     transformers.logging.set_verbosity_error()
-    from zoo.convert import from_hf
+    from zoo.interop.hf import from_hf
 
     cls_name, kwargs = HF_CASES[case]
     config = getattr(transformers, cls_name)(**HF_BASE, **kwargs)
@@ -269,7 +269,7 @@ def test_cli_generate_fresh_variant_streams_text(capsys):
 
 
 def test_cli_generate_checkpoint_prints_the_models_tokens(tmp_path, capsys):
-    from zoo.tokenizer import ByteTokenizer
+    from zoo.train.tokenizer import ByteTokenizer
     model = small_model("hybridnorm", "moe")
     ckpt = zoo.save(model, tmp_path / "model.safetensors", variant="tiny-moe-hybridnorm")
     argv = ["generate", str(ckpt), "--prompt", "x = ", "--max-new-tokens", "12", "--temperature", "0.9",

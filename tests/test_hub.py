@@ -24,8 +24,10 @@ from safetensors.torch import load_file
 
 import zoo
 from zoo import hub
+from zoo.hub import client as hub_client
 from zoo.cli import main
-from zoo.hub_server import CHECKSUMS, HubRequestHandler, HubServer, parse_checksums, serve_background
+from zoo.hub.protocol import CHECKSUMS, parse_checksums
+from zoo.hub.server import HubRequestHandler, HubServer, serve_background
 
 ZOO = str(Path(sys.executable).parent / "zoo")
 NAME = "tiny-dense-prenorm"  # not in the zoo's index: verified against a test index or the served checksums
@@ -47,7 +49,7 @@ def published(tmp_path_factory):
     """One published variant in DIR, with a test index that records it."""
     root = tmp_path_factory.mktemp("published")
     index = root.parent / f"{root.name}-index.json"
-    folder = hub.publish(NAME, root / "hub", index=index)
+    folder = zoo.publish(NAME, root / "hub", index=index)
     sums = (folder / CHECKSUMS).read_bytes()
     files = parse_checksums(sums.decode(), "test")
     return types.SimpleNamespace(dir=root / "hub", folder=folder, index=index, commit=hashlib.sha1(sums).hexdigest(),
@@ -218,7 +220,7 @@ def test_server_speaks_the_resolve_protocol_and_serves_nothing_outside_dir(publi
 
 def test_server_etag_is_the_recorded_sha256_and_weights_are_never_hashed(published, monkeypatch):
     """As the Hub sends an LFS file's recorded oid: a fresh server answers at once, whatever the file's size."""
-    from zoo import hub_server
+    from zoo.hub import server as hub_server
     hashed = []
     real = hub_server.sha256_file
     monkeypatch.setattr(hub_server, "sha256_file", lambda path: hashed.append(Path(path).name) or real(path))
@@ -231,7 +233,7 @@ def test_server_etag_is_the_recorded_sha256_and_weights_are_never_hashed(publish
 
 
 def test_server_sends_empty_files_and_ranges_with_sendfile(tmp_path):
-    from zoo.hub_server import format_checksums
+    from zoo.hub.protocol import format_checksums
     repo = tmp_path / "sendfile-test"
     repo.mkdir()
     data = bytes(range(256)) * 1000
@@ -296,8 +298,8 @@ def test_pull_places_verified_files_in_the_hf_cache_layout(published, hf_home, m
     huggingface_hub finds them offline; each file hashed once, while it downloaded."""
     handler = use_transfer(kind, monkeypatch)
     hashed = []
-    real = hub.file_digest
-    monkeypatch.setattr(hub, "file_digest", lambda path, algorithm: hashed.append(Path(path).name) or real(path, algorithm))
+    real = hub_client.file_digest
+    monkeypatch.setattr(hub_client, "file_digest", lambda path, algorithm: hashed.append(Path(path).name) or real(path, algorithm))
     with serve_background(published.dir, handler=handler) as url:
         path = hub.pull(NAME, endpoint=url, index={})  # revision main, verified against the served checksums
     assert_pulled(path, published, hf_home)
@@ -366,7 +368,7 @@ class HoldWeights(HubRequestHandler):
 def test_an_indexed_pull_checks_blake3_and_a_third_party_one_sha256(published, hf_home, monkeypatch):
     """Each file is hashed once, on the way in: with the index's BLAKE3 digests where it has them, else with the
     sha256 of the checksums.sha256 served (which, fetched by huggingface_hub, is the reference there)."""
-    from zoo import hub_transfer
+    from zoo.hub import transfer as hub_transfer
     used = []
     real = hub_transfer.new_hash
     monkeypatch.setattr(hub_transfer, "new_hash", lambda algorithm, data=b"": used.append(algorithm) or real(algorithm, data))
@@ -394,7 +396,7 @@ def test_small_files_are_read_hashed_and_written_without_a_thread_or_a_map(publi
     get one, hashing through mmaps (inline for BLAKE3, in a thread for sha256)."""
     import mmap
 
-    from zoo import hub_transfer
+    from zoo.hub import transfer as hub_transfer
     use_transfer(kind, monkeypatch)
     hashers, maps = [], []
 
@@ -465,7 +467,7 @@ def test_a_failed_file_stops_the_others_and_its_error_is_raised(published, hf_ho
 
 
 def test_a_cancelled_download_keeps_its_bytes_and_resumes(published, tmp_path):
-    from zoo import hub_transfer
+    from zoo.hub import transfer as hub_transfer
     cancel = threading.Event()
     ranges = []
 
@@ -761,10 +763,10 @@ def test_other_malformed_inputs(published, tmp_path, capsys):
     assert err == ["zoo: error: checkpoint not found: ../x",  # a path, so a checkpoint: never a variant name
                    f"zoo: error: cannot serve {tmp_path / 'missing'}: not a folder (publish variants into one with "
                    "`zoo publish NAME --to DIR`)"]
-    with pytest.raises(hub.HubError, match="invalid variant name 'Bad'"):
-        hub.publish("Bad", tmp_path)
+    with pytest.raises(zoo.ConfigError, match="invalid variant name 'Bad'"):
+        zoo.publish("Bad", tmp_path)
     with pytest.raises(zoo.UnknownNameError, match="unknown variant 'no-such-variant'"):
-        hub.publish("no-such-variant", tmp_path)
+        zoo.publish("no-such-variant", tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -792,7 +794,7 @@ def test_two_processes_pull_the_same_variant_at_once(published, hf_home, subproc
     file for that blob, and then links the blob instead of downloading it again."""
     from filelock import FileLock, Timeout
 
-    from zoo import hub_transfer
+    from zoo.hub import transfer as hub_transfer
 
     class Watched(FileLock):
         def acquire(self, timeout=None, *args, **kwargs):
@@ -871,7 +873,7 @@ def test_publish_puts_a_checkpoints_results_on_its_card(tmp_path):
     card = (tmp_path / "hub" / "tiny-dense-prenorm" / "README.md").read_text()
     assert "trained by the zoo's recipe: a test recipe" in card and "| val_loss | 1.2345 |" in card
     assert "value: 1.5" in card  # the eval loss in the model-index
-    fresh = hub.publish("tiny-dense-prenorm", tmp_path / "hub2", results=results)  # untrained: no numbers
+    fresh = zoo.publish("tiny-dense-prenorm", tmp_path / "hub2", results=results)  # untrained: no numbers
     assert "1.2345" not in (fresh / "README.md").read_text()
     bad = subprocess.run([sys.executable, "-m", "zoo", "publish", str(ckpt), "--to", str(tmp_path / "hub"), "--results",
                           str(tmp_path / "missing.json")], capture_output=True, text=True)

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-from zoo.tokenizer import ByteTokenizer
+from zoo.train.tokenizer import ByteTokenizer
 
 lm_eval = pytest.importorskip("lm_eval", reason="needs the lm-eval extra: pip install 'hybridnorm-zoo[lm-eval]'")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-from zoo.lm_eval_adapter import ZooLM  # noqa: E402
+from zoo.interop.lm_eval import ZooLM  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

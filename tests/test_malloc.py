@@ -10,13 +10,13 @@ import sys
 
 import pytest
 
-from zoo.malloc import ENV, retain_enabled
+from zoo.train.malloc import ENV, retain_enabled
 
 glibc = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt's thresholds are glibc's")
 
 PROBE = """
 import json, resource, sys, torch
-from zoo.malloc import retain_freed_memory
+from zoo.train.malloc import retain_freed_memory
 applied = retain_freed_memory() if sys.argv[1] == "retain" else False
 faults = []
 for _ in range(8):

@@ -264,7 +264,8 @@ def test_grouped_mm_takes_a_stride_zero_gradient():
 def test_grouped_dispatch_alone_takes_a_stride_zero_gradient(dtype):
     """The backend's autograd Function itself, where ``out.sum()``'s expanded gradient reaches its hand-written
     backward directly; an expert without tokens in the middle; gate-weight gradients included."""
-    from zoo.moe import Routing, grouped_glu_dispatch
+    from zoo.kernels.moe_glu import grouped_glu
+    from zoo.moe import Routing, sort_by_expert
 
     g = torch.Generator().manual_seed(0)
     expert = torch.tensor([2, 0, 3, 2, 0, 2, 3, 0, 2, 2])  # expert 1 gets nothing
@@ -282,7 +283,8 @@ def test_grouped_dispatch_alone_takes_a_stride_zero_gradient(dtype):
         return out
 
     def grouped(xx, wt, w1, v1, w2):
-        return grouped_glu_dispatch(xx, Routing(token, expert, wt, None, None, None, 2), w1, v1, w2)
+        d = sort_by_expert(Routing(token, expert, wt, None, None, None, 2), 4)
+        return grouped_glu(xx, d.token_N, d.weight_N, d.counts_E, w1, v1, w2)
 
     results = []
     for fn in (grouped, loop_reference):

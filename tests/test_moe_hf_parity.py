@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import zoo
+from zoo.builder import build_ffn
 from zoo.moe import MoEFFN
 
 transformers = pytest.importorskip("transformers")
@@ -81,7 +82,7 @@ def copy_from_hf(block: torch.nn.Module, layer: MoEFFN) -> None:
 
 def layer_from_hf(block: torch.nn.Module, E: int, k: int, H: int, F: int, renormalize: bool, backend: str) -> MoEFFN:
     cfg = zoo_config(E, k, H, F, renormalize, backend)
-    layer = MoEFFN(cfg, 0)
+    layer = build_ffn(cfg, 0)
     copy_from_hf(block, layer)
     return layer
 
@@ -131,7 +132,7 @@ def test_weight_mapping_round_trips():
     E, k, H, F = 8, 2, 32, 16
     cfg = zoo_config(E, k, H, F, False, "loop")
     torch.manual_seed(0)
-    src = MoEFFN(cfg, 0)
+    src = build_ffn(cfg, 0)
     src.init_weights(zoo.Init.from_config(cfg))
     block = hf_block("olmoe", E, k, H, F)
     w1, v1, w2 = src.experts.mlp.views()

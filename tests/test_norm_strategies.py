@@ -495,7 +495,7 @@ def test_rmsnorm_layer_fp32_math_and_eps():
 def test_rmsnorm_layer_gradients_match_the_reference(shape):
     """The hand-written backward gives autograd's gradients of the reference formula, for the input and
     for the gain (summed over every leading dimension, heads included); in bf16 the same, to its rounding."""
-    from zoo.plugins.norms import RMSNorm
+    from zoo.plugins.norm_layers import RMSNorm
 
     gen = torch.Generator().manual_seed(11)
     norm = RMSNorm(shape[-1], eps=1e-3).double()
@@ -519,7 +519,7 @@ def test_rmsnorm_layer_gradients_match_the_reference(shape):
 
 
 def test_rmsnorm_layer_refuses_a_wrong_width():
-    from zoo.plugins.norms import RMSNorm
+    from zoo.plugins.norm_layers import RMSNorm
 
     with pytest.raises(ValueError, match=r"RMSNorm over 64 features got an input of shape \(2, 32\)"):
         RMSNorm(64)(torch.ones(2, 32))

@@ -17,7 +17,8 @@ import torch
 
 import zoo
 from zoo import hookspecs
-from zoo.plugins.norms import PreNorm, RMSNorm
+from zoo.plugins.norm_layers import RMSNorm
+from zoo.plugins.norm_strategies import PreNorm
 from zoo.registry import REGISTRY, PluginWarning, Registry
 
 pytestmark = pytest.mark.usefixtures("registry_unchanged")
@@ -214,8 +215,8 @@ def test_plugin_name_must_be_unique(runtime_plugin):
 
     with pytest.raises(zoo.PluginError, match="'test-once' is already registered"):
         zoo.register_plugin(Empty(), name="test-once")
-    with pytest.raises(zoo.PluginError, match="'zoo.norms' is already registered"):
-        zoo.register_plugin(Empty(), name="zoo.norms")
+    with pytest.raises(zoo.PluginError, match="'zoo.norm_strategies' is already registered"):
+        zoo.register_plugin(Empty(), name="zoo.norm_strategies")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,10 +237,10 @@ def test_duplicate_name_names_both_plugins():
     with pytest.raises(zoo.PluginError) as info:
         zoo.register_plugin(DuplicatePrenorm(), name="test-dup")
     msg = str(info.value)
-    assert "'prenorm'" in msg and "'zoo.norms'" in msg and "'test-dup'" in msg
+    assert "'prenorm'" in msg and "'zoo.norm_strategies'" in msg and "'test-dup'" in msg
     assert _plugin_names() == before
     assert "test-dup-layer" not in REGISTRY.names("norm layer")
-    assert REGISTRY.owner("norm strategy", "prenorm") == "zoo.norms"
+    assert REGISTRY.owner("norm strategy", "prenorm") == "zoo.norm_strategies"
     _runs()
 
 
@@ -371,7 +372,7 @@ def test_every_hookspec_has_a_docstring():
 # ---------------------------------------------------------------------------------------------
 ALT_PRENORM = """
     import zoo
-    from zoo.plugins.norms import PreNorm
+    from zoo.plugins.norm_strategies import PreNorm
 
     class AltPreNorm(PreNorm):
         pass
@@ -410,7 +411,7 @@ def test_entry_point_conflict_with_builtin(fake_entry_points):
     reg = Registry()
     with pytest.raises(zoo.PluginError) as info:
         reg.get("norm strategy", "prenorm")
-    assert "'zoo.norms'" in str(info.value) and "'shadow'" in str(info.value)
+    assert "'zoo.norm_strategies'" in str(info.value) and "'shadow'" in str(info.value)
     assert reg.get("norm strategy", "hybridnorm").__name__ == "HybridNorm"
 
 
@@ -432,7 +433,7 @@ def test_failing_entry_points_are_isolated(fake_entry_points):
             """,
         "ep-good": """
             import zoo
-            from zoo.plugins.norms import RMSNorm
+            from zoo.plugins.norm_layers import RMSNorm
             @zoo.hookimpl
             def register_norm_layers(register):
                 register('test-ep-layer', RMSNorm)
@@ -462,7 +463,7 @@ def test_failing_entry_points_are_isolated(fake_entry_points):
 
 # the built-in plugins ("zoo.*"; more may come, e.g. zoo.routers) and the three every test relies on
 BUILTINS = frozenset(ep.name for ep in importlib.metadata.entry_points(group="zoo") if ep.name.startswith("zoo."))
-CORE = frozenset({"zoo.norms", "zoo.attention", "zoo.variants"})
+CORE = frozenset({"zoo.norm_layers", "zoo.norm_strategies", "zoo.attention", "zoo.variants"})
 
 
 def test_builtins_are_entry_points():
@@ -473,13 +474,13 @@ def test_builtins_are_entry_points():
     ("zoo.*", None, BUILTINS),
     (None, "ext-*", BUILTINS),
     (None, "zoo.variants", (BUILTINS - {"zoo.variants"}) | {"ext-a", "ext-b"}),
-    ("zoo.norms, zoo.attention,ext-a", None, {"zoo.norms", "zoo.attention", "ext-a"}),
+    ("zoo.norm_strategies, zoo.attention,ext-a", None, {"zoo.norm_strategies", "zoo.attention", "ext-a"}),
     ("*", "ext-b,zoo.variants", (BUILTINS - {"zoo.variants"}) | {"ext-a"}),
 ], ids=["allow-builtins", "block-ext", "block-variants", "allow-list", "allow-all-block-two"])
 def test_allow_and_block_patterns(fake_entry_points, monkeypatch, allow, block, expected_enabled):
     layer = """
         import zoo
-        from zoo.plugins.norms import RMSNorm
+        from zoo.plugins.norm_layers import RMSNorm
         @zoo.hookimpl
         def register_norm_layers(register):
             register({name!r}, RMSNorm)
@@ -540,7 +541,7 @@ def probes(tmp_path_factory, subprocess_env):
     (dist / "entry_points.txt").write_text("[zoo]\next-good = zoo_ext_good\next-broken = zoo_ext_broken\n")
     (site / "zoo_ext_good.py").write_text(textwrap.dedent("""
         import zoo
-        from zoo.plugins.norms import RMSNorm
+        from zoo.plugins.norm_layers import RMSNorm
         @zoo.hookimpl
         def register_norm_layers(register):
             register("ext-layer", RMSNorm)
@@ -580,7 +581,7 @@ def test_env_zoo_plugins_and_disable_plugins(probes):
     out, err = probes["allow-and-block"]
     status = {n: p["status"] for n, p in out["plugins"].items()}
     assert set(status) == BUILTINS | {"ext-good", "ext-broken"}
-    assert status["zoo.norms"] == status["zoo.attention"] == "ok"
+    assert status["zoo.norm_strategies"] == status["zoo.attention"] == "ok"
     assert status["zoo.variants"] == status["ext-good"] == status["ext-broken"] == "disabled"
     assert all(status[n] != "disabled" for n in BUILTINS - {"zoo.variants"})
     assert all(out["plugins"][n]["error"] is None for n in ("zoo.variants", "ext-good", "ext-broken"))

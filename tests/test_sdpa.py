@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import zoo
-import zoo.sdpa as sdpa
-from zoo.linear import CPU_MATMUL_ENV, cpu_matmul_libraries
+import zoo.kernels.sdpa as sdpa
+from zoo.kernels.gemm import CPU_MATMUL_ENV, cpu_matmul_libraries
 
 needs_onednn = pytest.mark.skipif("onednn" not in cpu_matmul_libraries(), reason="this torch has no oneDNN matmul")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from zoo.study import Run, StudyConfig, aggregate, layer_grad_norms, plan, summarize
-from zoo.study_report import paired_differences, write_card_results
+from zoo.experiments.study import Run, StudyConfig, aggregate, layer_grad_norms, plan, summarize
+from zoo.experiments.report import paired_differences, write_card_results
 from zoo.train import TrainConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"

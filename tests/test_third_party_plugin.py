@@ -83,7 +83,7 @@ BROKEN_IMPORT = 'raise ImportError("zoo_broken_import needs the package not-inst
 
 BROKEN_HOOK = '''
     import zoo
-    from zoo.plugins.norms import PreNorm
+    from zoo.plugins.norm_strategies import PreNorm
 
 
     @zoo.hookimpl
@@ -204,7 +204,7 @@ def test_plugins_json_lists_the_third_party_plugin(runs):
     assert my["status"] == "ok" and my["error"] is None
     assert my["registered"] == {"norm strategy": ["scaled-prenorm"]}
     assert "my_zoo_norm" in my["source"] and "my-zoo-norm 0.1.0" in my["source"]
-    for name in ("zoo.norms", "zoo.attention", "zoo.variants"):
+    for name in ("zoo.norm_layers", "zoo.norm_strategies", "zoo.attention", "zoo.variants"):
         assert records[name]["status"] == "ok"
 
 

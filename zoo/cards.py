@@ -16,9 +16,9 @@ from typing import Any, Optional
 
 import yaml
 
+from .builder import get_config, model_stats
 from .config import ModelConfig
 from .registry import REGISTRY
-from .stats import model_stats
 from .text import human
 
 LICENSE = "apache-2.0"
@@ -131,10 +131,8 @@ def render_card(name: str, cfg: Optional[ModelConfig] = None, results: Optional[
                 base_model: Optional[str] = None, weights_note: Optional[str] = None) -> str:
     """The card of variant ``name`` (config from the registry unless given) with ``results``;
     ``weights_note`` replaces the sentence about the weights (``zoo publish`` says which weights it published)."""
-    import zoo
-
     variant = REGISTRY.get("variant", name) if cfg is None or name in REGISTRY.names("variant") else None
-    cfg = cfg or zoo.get_config(name)
+    cfg = cfg or get_config(name)
     st = model_stats(cfg)
     fm = yaml.safe_dump(front_matter(name, cfg, tuple(variant.tags) if variant else (), results, base_model), sort_keys=False)
     description = variant.description if variant and variant.description else f"A hybridnorm-zoo model ({cfg.norm_strategy})."
@@ -212,3 +210,12 @@ def check_cards(cards_dir: Path, names: list[str]) -> list[str]:
         if not path.exists() or path.read_text() != render_card(name, results=load_results(name, cards_dir)):
             stale.append(name)
     return stale
+
+
+UNTRAINED_NOTE = ("The weights published here are **untrained**: freshly initialized by `zoo.build(\"{name}\")` with "
+                  "`torch.manual_seed({seed})`, so that publish, serve and pull work end to end before the zoo's "
+                  "training recipe lands. They check the plumbing; they are not a language model.")
+CHECKPOINT_NOTE = ("The weights published here come from the zoo checkpoint `{source}`; no measured results were "
+                   "published with them.")
+RESULTS_NOTE = ("The weights published here come from the zoo checkpoint `{source}`, trained by the zoo's recipe: "
+                "{recipe}. Its own measured numbers are under Results.")

@@ -24,12 +24,12 @@ from typing import Any, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.overrides import TorchFunctionMode
 
+from .builder import empty_model
 from .config import ConfigSource, ModelConfig, merge_config
 from .errors import ZooError
-from .model import ZooModel
-from .stats import count_params
+from .model import ZooModel, count_params
+from .version import __version__
 
 FORMAT = "hybridnorm-zoo"
 FORMAT_VERSION = "1"
@@ -46,7 +46,6 @@ class CheckpointError(ZooError):
 
 
 def _metadata(model: ZooModel, variant: Optional[str]) -> dict[str, str]:
-    from . import __version__
     total, active = count_params(model)
     dtype = next(model.parameters()).dtype
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "zoo_version": __version__,
@@ -234,36 +233,6 @@ def checkpoint_config(path: Union[str, Path]) -> tuple[ModelConfig, dict[str, st
     return _config(path, meta), meta
 
 
-_INIT_FUNCTIONS = frozenset(f for n, f in vars(torch.nn.init).items()
-                            if n.endswith("_") and not n.startswith("_") and callable(f))
-_VALUE_METHODS = frozenset({"normal_", "uniform_", "trunc_normal_", "fill_", "zero_", "copy_", "random_", "bernoulli_",
-                            "exponential_", "geometric_", "log_normal_", "cauchy_", "erfinv_", "mul_", "div_", "add_",
-                            "sub_", "clamp_", "clamp_min_", "clamp_max_"})
-
-
-class _NoInitOnMeta(TorchFunctionMode):
-    """Skips initializers and other value-only in-place ops on ``meta`` tensors, which hold no values.
-
-    Exact (a meta tensor is the same before and after them) and it matters: most meta kernels are Python
-    references whose first call imports ``torch._dynamo``, seconds that every fresh process would pay on
-    its first ``zoo.load`` (``nn.Embedding``'s ``normal_`` is one). Ops that change shapes still run.
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        kwargs = kwargs or {}
-        target = args[0] if args else kwargs.get("tensor")
-        if isinstance(target, torch.Tensor) and target.is_meta and (
-                func in _INIT_FUNCTIONS or getattr(func, "__name__", None) in _VALUE_METHODS):
-            return target
-        return func(*args, **kwargs)
-
-
-def empty_model(cfg: ModelConfig) -> ZooModel:
-    """``ZooModel(cfg)`` on the ``meta`` device, with no initializer run: a frame for loaded weights."""
-    with torch.device("meta"), _NoInitOnMeta():
-        return ZooModel(cfg)
-
-
 def load(path: Union[str, Path], overrides: ConfigSource = None, *, device: Optional[Union[str, torch.device]] = None,
          dtype: Optional[torch.dtype] = None) -> ZooModel:
     """Rebuild a model from a checkpoint alone; ``overrides`` may change run-time settings such as
@@ -273,8 +242,6 @@ def load(path: Union[str, Path], overrides: ConfigSource = None, *, device: Opti
     the files, so nothing is copied until written; a file must not be rewritten in place while the model
     lives, which ``save`` never does); ``device`` loads them there, ``dtype`` converts after.
     """
-    from .api import check_components
-
     path = Path(path)
     files, index_meta = _files(path)
     headers = [read_header(f) for f in files]
@@ -282,8 +249,7 @@ def load(path: Union[str, Path], overrides: ConfigSource = None, *, device: Opti
     cfg = _config(path, meta)
     if overrides is not None:
         cfg = merge_config(cfg, overrides, where="overrides")
-    check_components(cfg)
-    model = empty_model(cfg)
+    model = empty_model(cfg, variant=meta.get("variant") or None)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     params = {k for k, _ in model.named_parameters()}
     found = {name: (tuple(e["shape"]), DTYPES[e["dtype"]]) for h, _ in headers for name, e in h.items()}
@@ -308,5 +274,4 @@ def load(path: Union[str, Path], overrides: ConfigSource = None, *, device: Opti
         raise CheckpointError(f"{path}: the model has state that checkpoints do not carry: {leftover[:3]}")
     if dtype is not None:
         model.to(dtype)
-    model.variant = meta.get("variant") or None
     return model

@@ -32,11 +32,11 @@ JSON output keys are documented in docs/cli.md."""
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    import zoo
+    from .api import get_config, list_models, stats
     rows = []
-    for name in zoo.list_models(args.pattern):
-        cfg = zoo.get_config(name)
-        st = zoo.stats(cfg, flops=False)
+    for name in list_models(args.pattern):
+        cfg = get_config(name)
+        st = stats(cfg, flops=False)
         rows.append({"name": name, "norm_strategy": cfg.norm_strategy, "ffn": cfg.ffn.type,
                      "total_params": st.total_params, "active_params": st.active_params})
     if args.json:
@@ -50,10 +50,15 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern over names, e.g. 'tiny-moe-*' (default: all)")
+    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    import zoo
-    cfg = zoo.get_config(args.name, args.set or None)
-    st = zoo.stats(cfg, seq_len=args.seq_len)
+    from .api import get_config, stats
+    cfg = get_config(args.name, args.set or None)
+    st = stats(cfg, seq_len=args.seq_len)
     if args.json:
         print(json.dumps({"name": args.name, "config": cfg.to_dict(), **st.to_dict()}, indent=2))
         return 0
@@ -64,6 +69,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"KV cache per token: {st.kv_cache_bytes_per_token:,} bytes at fp32, {st.kv_cache_bytes_per_token_bf16:,} at bf16 "
           f"({cfg.n_layers} layers x {cfg.kv_heads} KV heads x head size {cfg.head_size}, K and V)")
     return 0
+
+
+def _info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="variant name (see `zoo list`)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable: --set moe.num_experts=16")
+    p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: the config's max_seq_len)")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
@@ -80,11 +92,15 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plugins_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 def cmd_card(args: argparse.Namespace) -> int:
-    import zoo
+    from .api import list_models
     from .cards import check_cards, load_results, render_card
     cards_dir = Path(args.dir)
-    names = zoo.list_models() if args.all or args.check else [args.name] if args.name else []
+    names = list_models() if args.all or args.check else [args.name] if args.name else []
     if not names:
         print("zoo: error: give a variant NAME, or --all, or --check", file=sys.stderr)
         return 2
@@ -109,9 +125,18 @@ def cmd_card(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
-    from .train import TrainConfig
-    tc = TrainConfig(**defaults)
+def _card_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", nargs="?", help="variant name; prints its card")
+    p.add_argument("--all", action="store_true", help="every variant")
+    p.add_argument("--write", action="store_true", help="write DIR/NAME.md instead of printing")
+    p.add_argument("--check", action="store_true", help="fail (exit 1) if any card in DIR differs from a fresh render")
+    p.add_argument("--dir", default="model_cards", help="cards folder; results are read from DIR/results/NAME.json (default: model_cards)")
+
+
+def _train_config(args: argparse.Namespace, base: Any = None) -> Any:
+    """``base`` (default: the defaults) with the training options given on the command line."""
+    from .train.trainer import TrainConfig
+    tc = base if base is not None else TrainConfig()
     for key in ("steps", "batch_size", "seq_len", "lr", "seed", "data", "tokenizer", "eval_every", "checkpoint_every", "compile"):
         value = getattr(args, key, None)
         if value is not None:
@@ -121,12 +146,34 @@ def _train_config(args: argparse.Namespace, **defaults: Any) -> Any:
     return tc
 
 
+def _run_to_train(args: argparse.Namespace) -> tuple[Any, Path, Optional[str]]:
+    """What ``zoo train SOURCE`` trains: (variant name or config, run folder, variant name)."""
+    from .checkpoint import checkpoint_config
+    from .files import CHECKPOINT_DIR
+    from .sources import resolve_source
+    source = resolve_source(args.source)
+    if source.kind == "variant":
+        return source.text, Path(args.out or f"runs/{source.text}"), source.text
+    run = source.run
+    if run is None and source.checkpoint is not None and source.checkpoint.parent.name == CHECKPOINT_DIR:
+        run = source.checkpoint.parent.parent  # the checkpoint of a run folder: that run
+    if run is None or not args.resume:
+        raise ZooError(f"{args.source} is a {'run folder' if run else 'checkpoint'}: zoo train starts a variant NAME, "
+                       "or continues a run folder with --resume")
+    if args.out is not None and Path(args.out).resolve() != run.resolve():
+        raise ZooError(f"--out {args.out} differs from the run folder {run}; a run continues in its own folder")
+    return checkpoint_config(source.checkpoint)[0], run, source.variant
+
+
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train import DIVERGED_EXIT, DivergenceError, init_distributed, train
-    out = args.out or f"runs/{args.name}"
+    from .train.trainer import DIVERGED_EXIT, DivergenceError, TrainConfig, train
+    from .train.world import init_distributed
+    model, out, variant = _run_to_train(args)
+    base = TrainConfig.of_run(out) if args.resume and (out / "train.json").exists() else None
     joined = init_distributed()
     try:
-        result = train(args.name, args.set or None, _train_config(args), out_dir=out, resume=args.resume)
+        result = train(model, args.set or None, _train_config(args, base), out_dir=out, resume=args.resume,
+                       variant=variant)
     except DivergenceError as e:
         print(f"zoo: error: {e}", file=sys.stderr)
         return DIVERGED_EXIT
@@ -137,14 +184,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     val = f", validation loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""
     if os.environ.get("RANK", "0") != "0":
         return 0
-    print(f"trained {args.name} for {result.steps} steps: train loss {result.final_train_loss:.4f}{val}, "
+    print(f"trained {variant or args.source} for {result.steps} steps: train loss {result.final_train_loss:.4f}{val}, "
           f"{result.tokens_per_s:,.0f} tokens/s; metrics in {result.metrics}, checkpoint in {out}/checkpoint/")
     return 0
 
 
+def _train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", metavar="NAME|RUN", help="a variant name (see `zoo list`), or with --resume the RUN folder "
+                   "to continue (or its checkpoint)")
+    _add_train_options(p)
+    p.add_argument("--out", default=None, help="run folder (default: runs/NAME)")
+    p.add_argument("--resume", action="store_true", help="continue the run in OUT (or RUN) exactly where it stopped, "
+                   "with the settings it was started with; options given here replace them (--steps to go on longer)")
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .compare import compare, print_table
-    tc = _train_config(args, steps=150, eval_every=50)
+    from .experiments.compare import compare, print_table
+    from .train.trainer import TrainConfig
+    tc = _train_config(args, TrainConfig(steps=150, eval_every=50))
     report = compare(args.names or None, tc, args.out, args.set)
     print_table(report["rows"])
     print(f"\nreport: {args.out}/report.md, {args.out}/report.json; plots: {args.out}/loss_vs_tokens.png, "
@@ -152,10 +209,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*", help="variants (default: tiny dense and MoE HybridNorm and their Pre-Norm baselines)")
+    _add_train_options(p)
+    p.add_argument("--out", default="runs/compare", help="report folder (default: runs/compare)")
+
+
 def cmd_study(args: argparse.Namespace) -> int:
     from dataclasses import replace
-    from .study import StudyConfig, run_study
-    from .study_report import write_report
+    from .experiments.study import StudyConfig, run_study
+    from .experiments.report import write_report
     sc = StudyConfig()
     main = replace(sc.main, **{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
                                                   ("seq_len", args.seq_len), ("data", args.data)) if v is not None})
@@ -182,6 +245,30 @@ def cmd_study(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strategies", nargs="+", metavar="NAME", help="norm strategies (default: prenorm postnorm mixln "
+                   "hybridnorm hybridnorm-star); each trains as tiny-KIND-NAME")
+    p.add_argument("--kinds", nargs="+", choices=["dense", "moe"], help="model kinds (default: dense moe)")
+    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds of the main grid (default: 0 1 2)")
+    p.add_argument("--steps", type=int, default=None, help="steps per main-grid run (default: 200)")
+    p.add_argument("--lr", type=float, default=None, help="main-grid peak learning rate (default: 3e-3)")
+    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 8)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 256)")
+    p.add_argument("--data", default=None, help="data spec, as for zoo train (default: stdlib)")
+    p.add_argument("--no-depth", action="store_true", help="skip the depth stress test")
+    p.add_argument("--depth-steps", type=int, default=None, help="steps per depth-stress run (default: 150)")
+    p.add_argument("--depth-lr", type=float, nargs="+", default=None, metavar="LR", help="depth-stress peak learning "
+                   "rates, one group each (default: 1e-2)")
+    p.add_argument("--depth-seeds", nargs="+", type=int, metavar="S", help="depth-stress seeds (default: 0 1)")
+    p.add_argument("--jobs", type=int, default=1, help="trainings side by side, each on cores/JOBS threads (default: 1)")
+    p.add_argument("--out", default="runs/study", help="run folders and study.json (default: runs/study); finished "
+                   "runs found here are reused")
+    p.add_argument("--report", default=None, help="Markdown report; plots go to a folder of the same stem beside it "
+                   "(default: OUT/results.md; the zoo's own is docs/results.md)")
+    p.add_argument("--cards", metavar="DIR", default=None, help="write each main-grid variant's measured numbers to "
+                   "DIR/results/NAME.json (the zoo's own: model_cards)")
+
+
 def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override, repeatable")
     p.add_argument("--data", default=None, metavar="SPEC", help="'stdlib' (default: this Python's standard library "
@@ -202,35 +289,65 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from . import convert
+    from .interop import hf as convert
+    from .sources import resolve_source
     dtype = convert.DTYPE_NAMES[args.dtype] if args.dtype else None
     if args.from_hf:
-        if args.set:
-            raise ZooError("--set applies to --to-hf only; an import takes its config from the HF config.json")
+        if args.set or args.pretrained:
+            raise ZooError("--set and --pretrained apply to --to-hf only; an import takes its config and weights "
+                           "from the HF folder")
         ckpt = convert.from_hf(args.from_hf, args.to, dtype=dtype)
         print(f"wrote {ckpt} and {Path(args.to) / 'config.yaml'}; load it with zoo.load({str(ckpt)!r})")
         return 0
-    out = convert.to_hf(args.to_hf, args.to, overrides=args.set or None, dtype=dtype)
+    source = resolve_source(args.to_hf, pretrained=args.pretrained)
+    out = convert.to_hf(source, args.to, overrides=args.set or None, dtype=dtype)
     hf_class = json.loads((out / "config.json").read_text())["architectures"][0]
-    fresh = "" if Path(args.to_hf).expanduser().exists() else f" (freshly initialized weights: {args.to_hf!r} is a variant name)"
+    fresh = "" if source.trained else f" (freshly initialized weights: {args.to_hf!r} is a variant name)"
     print(f"wrote {out / 'config.json'} and the weights as {hf_class}{fresh}; load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
     return 0
 
 
+def _convert_arguments(p: argparse.ArgumentParser) -> None:
+    direction = p.add_mutually_exclusive_group(required=True)
+    direction.add_argument("--from-hf", metavar="PATH_OR_REPO", help="an HF model folder (config.json + *.safetensors), "
+                           "or a Hub repository id (downloaded with huggingface_hub; needs network access)")
+    direction.add_argument("--to-hf", metavar="NAME|CHECKPOINT|RUN", help=f"the zoo model to export: {MODEL_FORMS} "
+                           "(a NAME is exported freshly initialized, seed 0)")
+    p.add_argument("--pretrained", action="store_true", help="with --to-hf NAME: export its published weights (zoo pull)")
+    p.add_argument("--to", required=True, metavar="DIR", help="output folder: the zoo checkpoint + config.yaml, or the "
+                   "HF config.json + model.safetensors")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="cast the weights (default: keep the source's dtype)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for --to-hf, repeatable: "
+                   "--set moe.router_options.renormalize=true")
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
-    from .hub import publish
+    from .publishing import publish
     results = None
     if args.results:
         try:
             results = json.loads(Path(args.results).read_text())
         except (OSError, ValueError) as e:
             raise ZooError(f"--results {args.results}: cannot read it as JSON ({e})") from None
-    folder = publish(args.source, args.to, index=args.index, name=args.name, seed=args.seed, results=results)
+    folder = publish(args.source, args.to, index=args.index, name=args.name, seed=args.seed, results=results,
+                     pretrained=args.pretrained)
     files = sorted(p.name for p in folder.iterdir())
     print(f"published zoo/{folder.name} to {folder} ({', '.join(files)})"
           + (f"; recorded its digests (sha256, BLAKE3) in {args.index}" if args.index else ""))
     return 0
+
+
+def _publish_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p, "published freshly initialized, which its card says")
+    p.add_argument("--to", required=True, metavar="DIR", help="the folder of repositories; writes DIR/NAME/")
+    p.add_argument("--index", metavar="FILE", help="also record the commit and each file's sha256 and BLAKE3 in this zoo index "
+                   "JSON (created if missing); the zoo's own is plugins/hub/index.json")
+    p.add_argument("--name", default=None, help="publish a checkpoint under this variant name (default: its header's)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialization when publishing a NAME (default: 0)")
+    p.add_argument("--results", metavar="FILE", default=None, help="a checkpoint's measured results for its card "
+                   "(a model_cards/results/NAME.json, as `zoo study --cards` and `zoo eval --write-card` write it)")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -242,35 +359,41 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", metavar="DIR", help="a folder written by `zoo publish NAME --to DIR`")
+    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default: 8765; 0 takes any free one)")
+    p.add_argument("--quiet", action="store_true", help="do not log each request to stderr")
+
+
 def cmd_pull(args: argparse.Namespace) -> int:
     from .hub import pull
     print(pull(args.name, endpoint=args.endpoint, revision=args.revision, index=args.index))
     return 0
 
 
+def _pull_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="variant name, e.g. tiny-dense-hybridnorm")
+    p.add_argument("--endpoint", metavar="URL", default=None, help="hub URL (default: $ZOO_ENDPOINT, else the zoo's "
+                   "embedded hub, which needs no network)")
+    p.add_argument("--revision", metavar="REV", default=None, help="branch or commit id (default: the commit the zoo's "
+                   "index pins, else main)")
+    p.add_argument("--index", metavar="FILE", default=None, help="zoo index to verify against (default: the shipped one; "
+                   "variants it lacks are verified against the served checksums.sha256)")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    import zoo
-    from .generate import check_sampling, stream
-    from .tokenizer import tokenizer_for
+    from .model.generate import check_sampling, stream
+    from .sources import load_source, resolve_source
+    from .train.tokenizer import tokenizer_for
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
-    path = Path(args.source).expanduser()
-    if path.exists() or args.source.endswith((".safetensors", ".json")) or os.sep in args.source:
-        if args.pretrained:
-            raise ZooError("--pretrained applies to a variant NAME; a checkpoint path is loaded as it is")
-        model, tok_source = zoo.load(path), path
-    elif args.pretrained:
-        from .hub import pull
-        snapshot = pull(args.source)
-        index = snapshot / "model.safetensors.index.json"
-        ckpt = index if index.exists() and not (snapshot / "model.safetensors").exists() else snapshot / "model.safetensors"
-        model, tok_source = zoo.load(ckpt), ckpt
-    else:
-        torch.manual_seed(args.seed if args.seed is not None else 0)
-        model, tok_source = zoo.build(args.source), None
+    source = resolve_source(args.source, pretrained=args.pretrained)
+    model = load_source(source, seed=args.seed if args.seed is not None else 0)
+    if not source.trained:
         print(f"zoo: note: {args.source} is freshly initialized (untrained), so expect noise; pass --pretrained for "
               "its published weights, or a checkpoint path", file=sys.stderr)
+    tok_source = source.checkpoint
     if torch.cuda.is_available():
         model = model.cuda()
     tok = tokenizer_for(tok_source, model.cfg.vocab_size)
@@ -294,156 +417,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import load_corpus
-    from .evaluate import evaluate, load_model, model_tokenizer, write_card_results
-    corpus = load_corpus(args.data)
-    loaded = load_model(args.source, pretrained=args.pretrained, device="cuda" if _cuda() else None)
-    if loaded.fresh:
-        print(f"zoo: note: {args.source} is freshly initialized (untrained); pass --pretrained for its published "
-              "weights, or a checkpoint path", file=sys.stderr)
-    card_name = None
-    if args.write_card is not None:
-        card_name = loaded.variant
-        if not card_name:
-            raise ZooError(f"--write-card: {args.source} does not record its variant name, so there is no card to write to")
-    result = evaluate(loaded.model, corpus, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
-                      progress=sys.stderr.isatty(), tokenizer=model_tokenizer(loaded))
-    report = {"model": args.source, "variant": loaded.variant, "weights": loaded.weights, **result.to_dict()}
-    if args.json:
-        print(json.dumps(report, indent=2))
-    else:
-        print(f"model          {args.source}\n"
-              f"weights        {loaded.weights}\n"
-              f"data           {result.data}, {result.split} split\n"
-              f"loss           {result.loss:.4f} nats/token\n"
-              f"perplexity     {result.perplexity:.2f}\n"
-              f"bits per byte  {result.bits_per_byte:.4f}\n"
-              f"tokens         {result.tokens:,} in {result.windows:,} windows of at most {result.seq_len}\n"
-              f"seconds        {result.seconds:.1f} ({result.tokens_per_s:,.0f} tokens/s)")
-    if card_name is not None:
-        path = write_card_results(card_name, result, args.write_card, loaded.weights)
-        print(f"wrote {path}; render the card with `zoo card {card_name} --write --dir {args.write_card}`", file=sys.stderr)
-    return 0
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="zoo", description="A zoo of decoder-only transformers, dense and MoE, "
-                                     "with pluggable norm placements (HybridNorm and peers), attention and routers.",
-                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=func)
-        return p
-
-    p = add("list", cmd_list, "List variants: name, norm strategy, dense/moe, total and active parameters.")
-    p.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern over names, e.g. 'tiny-moe-*' (default: all)")
-    p.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
-
-    p = add("info", cmd_info, "Show a variant's resolved config, parameters (total/active) and FLOPs per token.")
-    p.add_argument("name", help="variant name (see `zoo list`)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable: --set moe.num_experts=16")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length for FLOPs (default: the config's max_seq_len)")
-    p.add_argument("--json", action="store_true", help="print JSON")
-
-    p = add("train", cmd_train, "Train a variant: AdamW, warmup + cosine, clipping, MoE aux losses; metrics.jsonl and checkpoints.")
-    p.add_argument("name", help="variant name (see `zoo list`)")
-    _add_train_options(p)
-    p.add_argument("--out", default=None, help="run folder (default: runs/NAME)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint exactly where it stopped")
-
-    p = add("compare", cmd_compare, "Train variants on the same data, seed and token budget; table, Markdown, JSON and plots.")
-    p.add_argument("names", nargs="*", help="variants (default: tiny dense and MoE HybridNorm and their Pre-Norm baselines)")
-    _add_train_options(p)
-    p.add_argument("--out", default="runs/compare", help="report folder (default: runs/compare)")
-
-    p = add("card", cmd_card, "Render model cards (HF-style README with YAML front matter) from configs and measured results.")
-    p.add_argument("name", nargs="?", help="variant name; prints its card")
-    p.add_argument("--all", action="store_true", help="every variant")
-    p.add_argument("--write", action="store_true", help="write DIR/NAME.md instead of printing")
-    p.add_argument("--check", action="store_true", help="fail (exit 1) if any card in DIR differs from a fresh render")
-    p.add_argument("--dir", default="model_cards", help="cards folder; results are read from DIR/results/NAME.json (default: model_cards)")
-
-    p = add("convert", cmd_convert, "Convert between Hugging Face transformers and the zoo: import Llama, Mistral, "
-            "Mixtral, Qwen2-MoE, OLMoE, Qwen3(-MoE), OLMo-2 and FlexOlmo checkpoints, or export the variants that "
-            "have a transformers equivalent (HybridNorm and other placements transformers lacks are refused).")
-    direction = p.add_mutually_exclusive_group(required=True)
-    direction.add_argument("--from-hf", metavar="PATH_OR_REPO", help="an HF model folder (config.json + *.safetensors), "
-                           "or a Hub repository id (downloaded with huggingface_hub; needs network access)")
-    direction.add_argument("--to-hf", metavar="NAME_OR_CHECKPOINT", help="a zoo checkpoint (.safetensors file, index, "
-                           "or folder holding model.safetensors) or a variant name (exported freshly initialized)")
-    p.add_argument("--to", required=True, metavar="DIR", help="output folder: the zoo checkpoint + config.yaml, or the "
-                   "HF config.json + model.safetensors")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="cast the weights (default: keep the source's dtype)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for --to-hf, repeatable: "
-                   "--set moe.router_options.renormalize=true")
-
-    p = add("publish", cmd_publish, "Write an HF-Hub-style repository folder DIR/NAME (model card as README.md, "
-            "config.yaml, model.safetensors, checksums.sha256) for a variant (untrained weights) or a checkpoint.")
-    p.add_argument("source", metavar="NAME|CHECKPOINT", help="a variant name (published freshly initialized, which "
-                   "its card says) or a zoo checkpoint (*.safetensors or its .index.json)")
-    p.add_argument("--to", required=True, metavar="DIR", help="the folder of repositories; writes DIR/NAME/")
-    p.add_argument("--index", metavar="FILE", help="also record the commit and each file's sha256 and BLAKE3 in this zoo index "
-                   "JSON (created if missing); the zoo's own is plugins/hub/index.json")
-    p.add_argument("--name", default=None, help="publish a checkpoint under this variant name (default: its header's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialization when publishing a NAME (default: 0)")
-    p.add_argument("--results", metavar="FILE", default=None, help="a checkpoint's measured results for its card "
-                   "(a model_cards/results/NAME.json, as `zoo study --cards` and `zoo eval --write-card` write it)")
-
-    p = add("serve", cmd_serve, "Serve a folder of published variants on 127.0.0.1 with the HF Hub resolve protocol "
-            "(for `zoo pull --endpoint URL`, ZOO_ENDPOINT or huggingface_hub); runs until Ctrl-C.")
-    p.add_argument("dir", metavar="DIR", help="a folder written by `zoo publish NAME --to DIR`")
-    p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default: 8765; 0 takes any free one)")
-    p.add_argument("--quiet", action="store_true", help="do not log each request to stderr")
-
-    p = add("pull", cmd_pull, "Download a published variant into huggingface_hub's cache (HF_HOME, "
-            "HF_HUB_OFFLINE honoured), verify each file (BLAKE3 where the zoo's index records it, else sha256), and "
-            "print the snapshot folder.")
-    p.add_argument("name", help="variant name, e.g. tiny-dense-hybridnorm")
-    p.add_argument("--endpoint", metavar="URL", default=None, help="hub URL (default: $ZOO_ENDPOINT, else the zoo's "
-                   "embedded hub, which needs no network)")
-    p.add_argument("--revision", metavar="REV", default=None, help="branch or commit id (default: the commit the zoo's "
-                   "index pins, else main)")
-    p.add_argument("--index", metavar="FILE", default=None, help="zoo index to verify against (default: the shipped one; "
-                   "variants it lacks are verified against the served checksums.sha256)")
-
-    p = add("study", cmd_study, "The HybridNorm study at CPU scale: Pre-Norm, Post-Norm, Mix-LN, HybridNorm and "
-            "HybridNorm*, dense and MoE, over seeds, plus a deep narrow stress test; writes a Markdown report with "
-            "plots (loss, per-layer FFN gradient norms, attention logits) and, with --cards, the model cards' results.")
-    p.add_argument("--strategies", nargs="+", metavar="NAME", help="norm strategies (default: prenorm postnorm mixln "
-                   "hybridnorm hybridnorm-star); each trains as tiny-KIND-NAME")
-    p.add_argument("--kinds", nargs="+", choices=["dense", "moe"], help="model kinds (default: dense moe)")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds of the main grid (default: 0 1 2)")
-    p.add_argument("--steps", type=int, default=None, help="steps per main-grid run (default: 200)")
-    p.add_argument("--lr", type=float, default=None, help="main-grid peak learning rate (default: 3e-3)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 8)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 256)")
-    p.add_argument("--data", default=None, help="data spec, as for zoo train (default: stdlib)")
-    p.add_argument("--no-depth", action="store_true", help="skip the depth stress test")
-    p.add_argument("--depth-steps", type=int, default=None, help="steps per depth-stress run (default: 150)")
-    p.add_argument("--depth-lr", type=float, nargs="+", default=None, metavar="LR", help="depth-stress peak learning "
-                   "rates, one group each (default: 1e-2)")
-    p.add_argument("--depth-seeds", nargs="+", type=int, metavar="S", help="depth-stress seeds (default: 0 1)")
-    p.add_argument("--jobs", type=int, default=1, help="trainings side by side, each on cores/JOBS threads (default: 1)")
-    p.add_argument("--out", default="runs/study", help="run folders and study.json (default: runs/study); finished "
-                   "runs found here are reused")
-    p.add_argument("--report", default=None, help="Markdown report; plots go to a folder of the same stem beside it "
-                   "(default: OUT/results.md; the zoo's own is docs/results.md)")
-    p.add_argument("--cards", metavar="DIR", default=None, help="write each main-grid variant's measured numbers to "
-                   "DIR/results/NAME.json (the zoo's own: model_cards)")
-
-    p = add("generate", cmd_generate, "Generate text from a variant or checkpoint with a KV cache, streaming tokens "
-            "as they come: greedy by default, or sampled with --temperature, --top-k, --top-p.")
-    p.add_argument("source", metavar="NAME|CHECKPOINT", help="a variant name (freshly initialized unless --pretrained) "
-                   "or a zoo checkpoint (*.safetensors, its .index.json, or a path)")
+def _generate_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p, "freshly initialized, seeded by --seed")
     p.add_argument("--prompt", required=True, help="the text to continue (empty: start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); above 0 samples")
@@ -451,26 +426,123 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens whose "
                    "probability reaches P, in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="seed of the sampling (and of a fresh variant's init)")
-    p.add_argument("--pretrained", action="store_true", help="pull the variant's published weights (zoo pull)")
 
-    p = add("eval", cmd_eval, "Evaluate a variant or checkpoint on held-out text: loss (nats/token), perplexity and bits "
-            "per byte over the whole validation split, every token predicted once (deterministic).")
-    p.add_argument("source", metavar="NAME|CHECKPOINT", help="a variant name (freshly initialized unless --pretrained) "
-                   "or a zoo checkpoint (*.safetensors, its .index.json, or a folder holding one)")
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .sources import load_source, resolve_source
+    from .train.data import load_corpus
+    from .train.evaluate import evaluate, write_card_results
+    from .train.tokenizer import tokenizer_for
+    corpus = load_corpus(args.data)
+    source = resolve_source(args.source, pretrained=args.pretrained)
+    model = load_source(source, device="cuda" if _cuda() else None)
+    weights = source.describe()
+    if not source.trained:
+        print(f"zoo: note: {args.source} is freshly initialized (untrained); pass --pretrained for its published "
+              "weights, or a checkpoint path", file=sys.stderr)
+    card_name = None
+    if args.write_card is not None:
+        card_name = source.variant
+        if not card_name:
+            raise ZooError(f"--write-card: {args.source} does not record its variant name, so there is no card to write to")
+    result = evaluate(model, corpus, seq_len=args.seq_len, batch_size=args.batch_size, max_tokens=args.max_tokens,
+                      progress=sys.stderr.isatty(), tokenizer=tokenizer_for(source.checkpoint, model.cfg.vocab_size))
+    report = {"model": args.source, "variant": source.variant, "weights": weights, **result.to_dict()}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"model          {args.source}\n"
+              f"weights        {weights}\n"
+              f"data           {result.data}, {result.split} split\n"
+              f"loss           {result.loss:.4f} nats/token\n"
+              f"perplexity     {result.perplexity:.2f}\n"
+              f"bits per byte  {result.bits_per_byte:.4f}\n"
+              f"tokens         {result.tokens:,} in {result.windows:,} windows of at most {result.seq_len}\n"
+              f"seconds        {result.seconds:.1f} ({result.tokens_per_s:,.0f} tokens/s)")
+    if card_name is not None:
+        path = write_card_results(card_name, result, args.write_card, weights)
+        print(f"wrote {path}; render the card with `zoo card {card_name} --write --dir {args.write_card}`", file=sys.stderr)
+    return 0
+
+
+def _eval_arguments(p: argparse.ArgumentParser) -> None:
+    _model_arguments(p, "freshly initialized, seed 0")
     p.add_argument("--data", default="stdlib", help="a data spec as for zoo train: 'stdlib' (default: this Python's "
                    "standard library source), a text file, a folder, or hf:...; its validation split is evaluated")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default: 8)")
     p.add_argument("--max-tokens", type=int, default=None, help="evaluate only the first N tokens of the split "
                    "(default: all of it)")
-    p.add_argument("--pretrained", action="store_true", help="pull the variant's published weights (zoo pull)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.add_argument("--write-card", nargs="?", const="model_cards", default=None, metavar="DIR",
                    help="merge the results as \"eval\" into DIR/results/NAME.json (default DIR: model_cards); then "
                    "render the card with `zoo card NAME --write`")
 
-    p = add("plugins", cmd_plugins, "List plugins: name, where each came from, what it registered, and failures.")
-    p.add_argument("--json", action="store_true", help="print JSON")
+
+MODEL_FORMS = ("a variant NAME, its published weights with --pretrained, a zoo CHECKPOINT (model.safetensors, "
+               "its .index.json, or a folder holding one) or a RUN folder of zoo train")
+
+
+def _model_arguments(p: argparse.ArgumentParser, fresh: str) -> None:
+    """The model argument every command takes, resolved by zoo/sources.py."""
+    p.add_argument("source", metavar="NAME|CHECKPOINT|RUN", help=f"{MODEL_FORMS}; a NAME alone is {fresh}")
+    p.add_argument("--pretrained", action="store_true", help="take the variant NAME's published weights (zoo pull)")
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = [
+    ("list", cmd_list, _list_arguments,
+     "List variants: name, norm strategy, dense/moe, total and active parameters."),
+    ("info", cmd_info, _info_arguments,
+     "Show a variant's resolved config, parameters (total/active) and FLOPs per token."),
+    ("train", cmd_train, _train_arguments,
+     "Train a variant: AdamW, warmup + cosine, clipping, MoE aux losses; metrics.jsonl and checkpoints."),
+    ("compare", cmd_compare, _compare_arguments,
+     "Train variants on the same data, seed and token budget; table, Markdown, JSON and plots."),
+    ("card", cmd_card, _card_arguments,
+     "Render model cards (HF-style README with YAML front matter) from configs and measured results."),
+    ("convert", cmd_convert, _convert_arguments,
+     "Convert between Hugging Face transformers and the zoo: import Llama, Mistral, "
+            "Mixtral, Qwen2-MoE, OLMoE, Qwen3(-MoE), OLMo-2 and FlexOlmo checkpoints, or export the variants that "
+            "have a transformers equivalent (HybridNorm and other placements transformers lacks are refused)."),
+    ("publish", cmd_publish, _publish_arguments,
+     "Write an HF-Hub-style repository folder DIR/NAME (model card as README.md, "
+            "config.yaml, model.safetensors, checksums.sha256) for a variant (untrained weights) or a checkpoint."),
+    ("serve", cmd_serve, _serve_arguments,
+     "Serve a folder of published variants on 127.0.0.1 with the HF Hub resolve protocol "
+            "(for `zoo pull --endpoint URL`, ZOO_ENDPOINT or huggingface_hub); runs until Ctrl-C."),
+    ("pull", cmd_pull, _pull_arguments,
+     "Download a published variant into huggingface_hub's cache (HF_HOME, "
+            "HF_HUB_OFFLINE honoured), verify each file (BLAKE3 where the zoo's index records it, else sha256), and "
+            "print the snapshot folder."),
+    ("study", cmd_study, _study_arguments,
+     "The HybridNorm study at CPU scale: Pre-Norm, Post-Norm, Mix-LN, HybridNorm and "
+            "HybridNorm*, dense and MoE, over seeds, plus a deep narrow stress test; writes a Markdown report with "
+            "plots (loss, per-layer FFN gradient norms, attention logits) and, with --cards, the model cards' results."),
+    ("generate", cmd_generate, _generate_arguments,
+     "Generate text from a variant or checkpoint with a KV cache, streaming tokens "
+            "as they come: greedy by default, or sampled with --temperature, --top-k, --top-p."),
+    ("eval", cmd_eval, _eval_arguments,
+     "Evaluate a variant or checkpoint on held-out text: loss (nats/token), perplexity and bits "
+            "per byte over the whole validation split, every token predicted once (deterministic)."),
+    ("plugins", cmd_plugins, _plugins_arguments,
+     "List plugins: name, where each came from, what it registered, and failures."),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="zoo", description="A zoo of decoder-only transformers, dense and MoE, "
+                                     "with pluggable norm placements (HybridNorm and peers), attention and routers.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, func, arguments, text in COMMANDS:
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(func=func)
+        arguments(p)
     return parser
 
 

@@ -21,9 +21,9 @@ from typing import Any, Callable, Optional
 import pluggy
 
 from . import hookspecs
-from .attention import Attention
 from .errors import PluginError, UnknownNameError
-from .strategy import NormStrategy
+from .model import Attention, NormStrategy
+from .moe import Router
 from .variant import as_variant
 
 GROUP = "zoo"
@@ -48,17 +48,12 @@ def _callable(obj: Any) -> Any:
     return obj
 
 
-def _router(obj: Any) -> Any:
-    from .moe.router import Router  # imported late: the MoE package imports this module
-    return _subclass_of(Router)(obj)
-
-
 # kind -> (hook name, validator returning the object to store)
 KINDS: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "norm strategy": ("register_norm_strategies", _subclass_of(NormStrategy)),
     "norm layer": ("register_norm_layers", _callable),
     "attention": ("register_attention", _subclass_of(Attention)),
-    "router": ("register_routers", _router),
+    "router": ("register_routers", _subclass_of(Router)),
     "variant": ("register_variants", as_variant),
 }
 
@@ -142,26 +137,29 @@ class Registry:
         record.status, record.error = "failed", why
         warnings.warn(f"zoo plugin {record.name!r} skipped: {why}", PluginWarning, stacklevel=3)
 
+    def _call(self, plugin_name: str, hook: str, register: Callable[[str, Any], None]) -> None:
+        """Call one plugin's implementation of ``hook`` (if it has one) through pluggy."""
+        plugin = self.pm.get_plugin(plugin_name)
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
+        self.pm.subset_hook_caller(hook, remove_plugins=others)(register=register)
+
     def _collect(self, plugin_name: str, record: PluginRecord, *, strict: bool) -> None:
         """Call the plugin's hooks, staging what it registers; commit only if all of it is valid."""
         staged: list[tuple[str, str, Any]] = []
         try:
             self._check_hook_names(plugin_name)
             for kind, (hook, validate) in KINDS.items():
-                for impl in getattr(self.pm.hook, hook).get_hookimpls():
-                    if impl.plugin_name != plugin_name:
-                        continue
 
-                    def register(name: str, obj: Any, _kind: str = kind, _validate=validate) -> None:
-                        check_name(_kind, name)
-                        if any(k == _kind and n == name for k, n, _ in staged):
-                            raise ValueError(f"{_kind} {name!r} registered twice")
-                        try:
-                            staged.append((_kind, name, _validate(obj)))
-                        except TypeError as e:
-                            raise TypeError(f"{_kind} {name!r}: {e}") from None
+                def register(name: str, obj: Any, _kind: str = kind, _validate: Callable[[Any], Any] = validate) -> None:
+                    check_name(_kind, name)
+                    if any(k == _kind and n == name for k, n, _ in staged):
+                        raise ValueError(f"{_kind} {name!r} registered twice")
+                    try:
+                        staged.append((_kind, name, _validate(obj)))
+                    except TypeError as e:
+                        raise TypeError(f"{_kind} {name!r}: {e}") from None
 
-                    impl.function(**{arg: register for arg in impl.argnames})
+                self._call(plugin_name, hook, register)
         except Exception as e:
             self.pm.unregister(name=plugin_name)
             if strict:
@@ -189,14 +187,11 @@ class Registry:
     def _check_hook_names(self, plugin_name: str) -> None:
         """pluggy accepts methods named like no hook; a misspelled hook would silently do nothing."""
         specs = [hook for hook, _ in KINDS.values()]
-        for hook_name in dir(self.pm.hook):
-            caller = getattr(self.pm.hook, hook_name)
-            if hook_name.startswith("_") or not hasattr(caller, "has_spec") or caller.has_spec():
-                continue
-            if any(impl.plugin_name == plugin_name for impl in caller.get_hookimpls()):
-                close = difflib.get_close_matches(hook_name, specs, n=1)
+        for caller in self.pm.get_hookcallers(self.pm.get_plugin(plugin_name)) or []:
+            if not caller.has_spec():
+                close = difflib.get_close_matches(caller.name, specs, n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else f"; the hooks are: {', '.join(specs)}"
-                raise AttributeError(f"{hook_name!r} is not a zoo hook{hint}")
+                raise AttributeError(f"{caller.name!r} is not a zoo hook{hint}")
 
     # -- run-time registration -------------------------------------------------------------
     def register_plugin(self, plugin: Any, name: Optional[str] = None) -> str:
@@ -236,13 +231,11 @@ class Registry:
 
     def _restore(self, kind: str, name: str, plugin: str) -> None:
         """Re-resolve a name after a conflict ends, by asking the survivor's hooks again."""
-        hook = KINDS[kind][0]
-        for impl in getattr(self.pm.hook, hook).get_hookimpls():
-            if impl.plugin_name == plugin:
-                found: dict[str, Any] = {}
-                impl.function(**{arg: (lambda n, o: found.__setitem__(n, o)) for arg in impl.argnames})
-                if name in found:
-                    self.entries[kind][name] = Entry(KINDS[kind][1](found[name]), plugin)
+        hook, validate = KINDS[kind]
+        found: dict[str, Any] = {}
+        self._call(plugin, hook, found.__setitem__)
+        if name in found:
+            self.entries[kind][name] = Entry(validate(found[name]), plugin)
 
     # -- lookups -----------------------------------------------------------------------------
     def get(self, kind: str, name: str) -> Any:
@@ -270,10 +263,3 @@ class Registry:
 
 
 REGISTRY = Registry()
-
-
-def reload() -> Registry:
-    """Forget everything and load the entry points again (after changing ZOO_PLUGINS, say)."""
-    global REGISTRY
-    REGISTRY.__init__()  # type: ignore[misc]
-    return REGISTRY

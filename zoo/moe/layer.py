@@ -11,13 +11,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import ModelConfig, resolve_options
-from ..ffn import SwiGLU
-from ..init import Init
-from ..linear import Linear
-from ..registry import REGISTRY
+from ..config import ModelConfig
+from ..kernels.linear import Linear
+from ..model import Init, SwiGLU
 from .experts import Experts
 from .losses import load_balancing_loss, z_loss
+from .router import Router
 
 
 @dataclass
@@ -31,16 +30,15 @@ class MoEAux:
 class MoEFFN(nn.Module):
     """``router.layer.weight (E, H)``, ``experts.mlp.{w1,v1,w2} (E*F, H)``; optional ``shared`` SwiGLU
     (``moe.shared_hidden_size`` wide, default ``shared_experts * hidden_size``), optionally gated by
-    ``sigmoid(shared_gate(x))`` with ``shared_gate.weight (1, H)`` (``moe.shared_gate``)."""
+    ``sigmoid(shared_gate(x))`` with ``shared_gate.weight (1, H)`` (``moe.shared_gate``). ``router`` is the
+    router plugin built for this layer (zoo/builder.py makes it from ``moe.router``)."""
 
-    def __init__(self, cfg: ModelConfig, layer: int):
+    def __init__(self, cfg: ModelConfig, layer: int, router: Router):
         super().__init__()
         moe = cfg.moe
         self.layer_idx, self.top_k = layer, moe.top_k
         self.lb_weight, self.z_weight = moe.lb_weight, moe.z_weight
-        router_cls = REGISTRY.get("router", moe.router)
-        options = resolve_options(router_cls.Options, moe.router_options, "moe.router_options", f"router {moe.router!r}")
-        self.router = router_cls(cfg, layer, options)
+        self.router = router
         self.experts = Experts(moe.num_experts, cfg.d_model, moe.hidden_size, moe.backend)
         shared_width = moe.shared_hidden_size if moe.shared_hidden_size is not None else moe.shared_experts * moe.hidden_size
         self.shared = SwiGLU(cfg.d_model, shared_width) if moe.shared_experts else None

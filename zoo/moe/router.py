@@ -5,6 +5,7 @@ E*C. One flat form serves them all, so the expert backends never care which rout
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -13,8 +14,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import ModelConfig
-from ..init import Init
-from ..linear import Linear
+from ..kernels.linear import Linear
+from ..model import Init
 
 
 @dataclass
@@ -41,10 +42,11 @@ class Routing:
 class Router(nn.Module):
     """Base class of router plugins: ``router.layer`` is the ``(E, H)`` gate, MegaBlocks' name.
 
-    Subclasses implement ``route(logits) -> Routing``. Class attributes: ``Options`` (a dataclass
-    filled from ``moe.router_options``), ``balancing_loss`` (False where the router balances by
-    construction and the LB loss does not apply), ``causal`` (False where a token's routing
-    depends on other tokens of the batch, which leaks the future in a causal LM).
+    Subclasses implement ``route(logits) -> Routing`` on real tensors only: on ``meta`` (``zoo.stats``
+    counting FLOPs) the base returns ``assignments(T)`` assignments at perfect balance instead. Class
+    attributes: ``Options`` (a dataclass filled from ``moe.router_options``), ``balancing_loss`` (False
+    where the router balances by construction and the LB loss does not apply), ``causal`` (False where a
+    token's routing depends on other tokens of the batch, which leaks the future in a causal LM).
     """
 
     Options: ClassVar[Optional[type]] = None
@@ -65,7 +67,19 @@ class Router(nn.Module):
         """``x``: (T, H). Multiplicative input jitter U(1-eps, 1+eps) applies in training only."""
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        return self.route(self.layer(x).float())
+        logits = self.layer(x).float()
+        return self.route(logits) if not logits.is_meta else self._balanced(logits)
+
+    def assignments(self, tokens: int) -> int:
+        """How many (token, expert) assignments a batch of ``tokens`` tokens makes: ``tokens * top_k`` for
+        token choice. FLOP counts (``zoo.stats``) count that many at perfect balance."""
+        return tokens * self.top_k
+
+    def _balanced(self, logits: Tensor) -> Routing:
+        """A routing of the right sizes on ``meta``, where nothing can be routed: shapes for FLOP counting."""
+        n, empty = self.assignments(logits.shape[0]), functools.partial(torch.empty, device=logits.device)
+        return Routing(empty(n, dtype=torch.long), empty(n, dtype=torch.long), empty(n), logits, logits,
+                       empty(self.num_experts, dtype=torch.long), self.top_k)
 
     def route(self, logits: Tensor) -> Routing:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -75,8 +89,7 @@ class Router(nn.Module):
         T, k = indices.shape
         token = torch.arange(T, device=logits.device).repeat_interleave(k)
         expert = indices.reshape(-1)
-        selected = torch.bincount(expert, minlength=self.num_experts) if not expert.is_meta else \
-            torch.empty(self.num_experts, device=expert.device, dtype=torch.long)
+        selected = torch.bincount(expert, minlength=self.num_experts)
         return Routing(token, expert, weights.reshape(-1), logits, probs, selected, k)
 
 

@@ -1,0 +1,1 @@
+"""Side-by-side experiments: compare variants, the HybridNorm study, and their reports."""

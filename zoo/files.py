@@ -1,0 +1,71 @@
+"""The zoo's file names, and its one way of writing a file: atomically and durably.
+
+Every file the zoo writes goes through ``atomic_path``: written beside its place under a temporary
+name, flushed to disk (``fsync``), then renamed over the target, so a reader (or a crash) sees the
+old file or the new one, never half of one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Union
+
+WEIGHTS_NAME = "model.safetensors"                   # a checkpoint (zoo.save), in runs and published repositories
+WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"    # ... when sharded, the HF-style index beside its shards
+TRAINER_STATE_NAME = "trainer.safetensors"           # a run's optimizer and RNG state, beside its weights
+CHECKPOINT_DIR = "checkpoint"                        # where a run folder keeps both
+CONFIG_NAME = "config.yaml"                          # a model config, in run folders and repositories
+
+PathLike = Union[str, Path]
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a platform without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
+    """``with atomic_path(p) as tmp:`` write ``tmp``; when the block succeeds, ``tmp`` is fsynced, given
+    ``mode`` and renamed over ``p`` (its folder is made if missing); when it fails, ``tmp`` is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: PathLike, data: Any, *, sort_keys: bool = False) -> Path:
+    """``data`` as indented JSON with a final newline."""
+    return write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")

@@ -1,0 +1,258 @@
+"""`zoo serve`: a folder of published variants served on loopback with the HF Hub resolve protocol.
+
+A served folder holds one repository per variant, ``DIR/<variant>/``, as ``zoo publish`` writes it
+(zoo/hub/protocol.py says what a repository holds).
+
+What ``huggingface_hub.hf_hub_download`` needs from a server, and what this one sends:
+
+- ``HEAD|GET /zoo/<variant>/resolve/<revision>/<file>``, revision ``main`` or the commit id, answered
+  with ``ETag`` (the quoted sha256 that ``checksums.sha256`` records for the file, as the Hub sends an
+  LFS file's recorded oid: the cache names the blob after it), ``X-Repo-Commit``, ``Content-Length``,
+  ``Accept-Ranges: bytes``; ``*.safetensors`` files also carry ``X-Linked-Etag`` and
+  ``X-Linked-Size`` as LFS files on the Hub do. ``Range: bytes=a-b`` gets ``206`` with ``Content-Range``,
+  which is how the client resumes a download that lost its connection.
+- ``GET /api/models/zoo/<variant>[/revision/<revision>]``: ``{"id", "sha", "siblings": [{"rfilename"}]}``.
+- Errors as the Hub sends them: 404 with ``X-Error-Code: RepoNotFound | RevisionNotFound |
+  EntryNotFound``, an ``X-Error-Message`` and a JSON body ``{"error": ...}``.
+
+Nothing outside DIR is ever served: names are checked, only listed files are served, and a file
+whose real path (after symlinks) leaves DIR is refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Optional, Union
+from urllib.parse import unquote, urlsplit
+
+from .protocol import NAMESPACE, HubError, Repo, check_filename, list_repos, read_repo, sha256_file
+
+HOST = "127.0.0.1"
+LFS_SUFFIXES = (".safetensors",)
+
+
+class HubRequestHandler(BaseHTTPRequestHandler):
+    """HEAD and GET of the resolve and model-info routes; each response closes its connection."""
+
+    server: "HubServer"
+    protocol_version = "HTTP/1.0"
+    server_version = "zoo-hub"
+
+    def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
+        self._handle(head=True)
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._handle(head=False)
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        if not self.server.quiet:
+            sys.stderr.write(f"{self.address_string()} - [{self.log_date_time_string()}] {format % args}\n")
+
+    # -- routing ---------------------------------------------------------------------------
+    def _handle(self, head: bool) -> None:
+        try:
+            segments = [unquote(s) for s in urlsplit(self.path).path.split("/")[1:]]
+            if segments[:2] == ["api", "models"]:
+                self._model_info(segments[2:], head)
+            elif len(segments) >= 5 and segments[2] == "resolve":
+                self._resolve(segments[0], segments[1], segments[3], "/".join(segments[4:]), head)
+            else:
+                self.send_error_json(404, None, f"Not Found: {self.path}", head)
+        except HubError as e:  # a repository's checksums.sha256 is malformed: the server's fault
+            self.send_error_json(500, None, str(e), head)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def _repo(self, namespace: str, name: str, head: bool) -> Optional[Repo]:
+        repo = self.server.repo(name) if namespace == NAMESPACE else None
+        if repo is None:
+            self.send_error_json(404, "RepoNotFound", f"Repository Not Found: {namespace}/{name}", head)
+        return repo
+
+    def _revision_ok(self, repo: Repo, revision: str, head: bool) -> bool:
+        if revision in ("main", repo.commit):
+            return True
+        self.send_error_json(404, "RevisionNotFound", f"Revision Not Found: {revision!r} of {repo.repo_id} "
+                             f"(this hub serves 'main' = {repo.commit})", head, repo)
+        return False
+
+    def _model_info(self, rest: list[str], head: bool) -> None:
+        if len(rest) == 2 or (len(rest) == 4 and rest[2] == "revision"):
+            repo = self._repo(rest[0], rest[1], head)
+            if repo is None or (len(rest) == 4 and not self._revision_ok(repo, rest[3], head)):
+                return
+            body = json.dumps({"id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.commit, "private": False,
+                               "library_name": "hybridnorm-zoo",
+                               "siblings": [{"rfilename": f} for f in repo.filenames]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("X-Repo-Commit", repo.commit)
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+            return
+        self.send_error_json(404, None, f"Not Found: {self.path}", head)
+
+    def _resolve(self, namespace: str, name: str, revision: str, filename: str, head: bool) -> None:
+        repo = self._repo(namespace, name, head)
+        if repo is None or not self._revision_ok(repo, revision, head):
+            return
+        path = self.server.file_path(repo, filename) if filename in repo.filenames else None
+        if path is None:
+            self.send_error_json(404, "EntryNotFound", f"Entry Not Found: {filename!r} in {repo.repo_id}", head, repo)
+            return
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            etag = self.server.etag(repo, filename, path)
+            start, length, status = 0, size, 200
+            wanted = self.headers.get("Range")
+            if wanted:
+                span = parse_range(wanted, size)
+                if span == "unsatisfiable":
+                    self.send_response(416)
+                    self.send_header("Content-Range", f"bytes */{size}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                if span is not None:
+                    start, end = span
+                    length, status = end - start + 1, 206
+            self.send_response(status)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", str(length))
+            self.send_header("Accept-Ranges", "bytes")
+            self.send_header("ETag", f'"{etag}"')
+            self.send_header("X-Repo-Commit", repo.commit)
+            if filename.endswith(LFS_SUFFIXES):
+                self.send_header("X-Linked-Etag", f'"{etag}"')
+                self.send_header("X-Linked-Size", str(size))
+            if status == 206:
+                self.send_header("Content-Range", f"bytes {start}-{start + length - 1}/{size}")
+            self.end_headers()
+            if not head:
+                f.seek(start)
+                self.send_body(f, length, filename)
+
+    # -- output ----------------------------------------------------------------------------
+    def send_body(self, f: BinaryIO, length: int, filename: str) -> None:
+        """Send ``length`` bytes of ``f``, from its position, to the client (tests override this to drop or
+        slow it). ``socket.sendfile`` hands the copy to the kernel (``os.sendfile``: page cache to socket,
+        no Python loop), so the server costs little next to the client."""
+        self.wfile.flush()
+        if length > 0:  # socket.sendfile refuses a count of 0
+            self.connection.sendfile(f, f.tell(), length)
+
+    def send_error_json(self, status: int, code: Optional[str], message: str, head: bool = False,
+                        repo: Optional[Repo] = None) -> None:
+        body = json.dumps({"error": message}).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if code:
+            self.send_header("X-Error-Code", code)
+        self.send_header("X-Error-Message", message.encode("ascii", "replace").decode())
+        if repo is not None:
+            self.send_header("X-Repo-Commit", repo.commit)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+
+def parse_range(value: str, size: int) -> Union[None, str, tuple[int, int]]:
+    """One ``bytes=`` range -> (first, last) inclusive; None to ignore it (serve it all), or 'unsatisfiable'."""
+    m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", value)
+    if not m or (not m.group(1) and not m.group(2)):
+        return None  # several ranges or another unit: RFC 9110 lets a server ignore the header
+    if not m.group(1):
+        suffix = int(m.group(2))
+        if suffix == 0 or size == 0:
+            return "unsatisfiable"
+        return max(0, size - suffix), size - 1
+    start = int(m.group(1))
+    end = min(int(m.group(2)), size - 1) if m.group(2) else size - 1
+    if start >= size or start > end:
+        return "unsatisfiable"
+    return start, end
+
+
+class HubServer(ThreadingHTTPServer):
+    """The HTTP server of ``zoo serve``: loopback only; reads DIR afresh on every request."""
+
+    daemon_threads = True
+
+    def __init__(self, root: Union[str, Path], port: int = 0, *, handler: type[HubRequestHandler] = HubRequestHandler,
+                 quiet: bool = False, host: str = HOST):
+        root = Path(root)
+        if not root.is_dir():
+            raise HubError(f"cannot serve {root}: not a folder (publish variants into one with `zoo publish NAME --to DIR`)")
+        if not isinstance(port, int) or not 0 <= port <= 65535:
+            raise HubError(f"invalid port {port!r}: use 0 (any free port) to 65535")
+        self.root = root.resolve()
+        self.quiet = quiet
+        try:
+            super().__init__((host, port), handler)
+        except OSError as e:
+            raise HubError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port (0 takes any free one)") from None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def repo(self, name: str) -> Optional[Repo]:
+        return read_repo(self.root, name)
+
+    def file_path(self, repo: Repo, filename: str) -> Optional[Path]:
+        """The file to serve for ``filename`` of ``repo``, or None; never a path outside the root."""
+        try:
+            check_filename(filename, repo.repo_id)
+            real = (repo.path / filename).resolve(strict=True)
+        except (HubError, OSError, RuntimeError):
+            return None
+        if self.root not in real.parents or not real.is_file():
+            return None
+        return real
+
+    def etag(self, repo: Repo, filename: str, path: Path) -> str:
+        """The sha256 ``checksums.sha256`` records for ``filename`` (the sha256 of the bytes of
+        ``checksums.sha256`` itself): no hashing of weights per request or per start. A file that no longer
+        matches its record fails the client's verification, which checks the bytes against the record anyway."""
+        return repo.files.get(filename) or sha256_file(path)
+
+
+@contextmanager
+def serve_background(root: Union[str, Path], port: int = 0, *, handler: type[HubRequestHandler] = HubRequestHandler,
+                     quiet: bool = True) -> Iterator[str]:
+    """``with serve_background(DIR) as url:`` serves DIR on loopback in a thread until the block ends."""
+    server = HubServer(root, port, handler=handler, quiet=quiet)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
+                              name=f"zoo-hub {server.url}")
+    thread.start()
+    try:
+        yield server.url
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def serve(root: Union[str, Path], port: int = 0, *, quiet: bool = False,
+          announce: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
+    """Serve DIR on 127.0.0.1 until interrupted (Ctrl-C); the first line announced carries the URL."""
+    server = HubServer(root, port, quiet=quiet)
+    repos = list_repos(server.root)
+    listing = ", ".join(repos) if repos else "none yet; `zoo publish NAME --to DIR` adds them"
+    announce(f"serving {server.root} at {server.url} (repositories: {listing}); "
+             f"pull with `zoo pull NAME --endpoint {server.url}`; Ctrl-C stops")
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()

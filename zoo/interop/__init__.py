@@ -1,0 +1,1 @@
+"""Interoperability: Hugging Face transformers checkpoints and lm-evaluation-harness."""

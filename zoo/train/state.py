@@ -1,0 +1,59 @@
+"""A run's resumable state beside its weights: optimizer moments, the RNG and the run's counters,
+as safetensors (no pickle), scalars in the header's metadata."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..files import atomic_path
+
+
+@dataclass
+class RunState:
+    """Where a run stands: steps done, tokens seen, seconds spent, the loss's running mean."""
+
+    step: int = 0
+    tokens: int = 0
+    wall: float = 0.0
+    loss_ema: Optional[float] = None
+
+
+def save_trainer_state(path: Path, opt: torch.optim.Optimizer, state: RunState) -> None:
+    """Optimizer moments and the torch RNG state as tensors; the run's counters and the optimizer's
+    scalars in the metadata."""
+    tensors: dict[str, torch.Tensor] = {"rng.torch": torch.get_rng_state()}
+    scalars: dict[str, Any] = {}
+    for p_id, s in opt.state_dict()["state"].items():
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"opt.{p_id}.{k}"] = v.contiguous()
+            else:
+                scalars[f"opt.{p_id}.{k}"] = v
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata={"run": json.dumps(asdict(state)), "scalars": json.dumps(scalars)})
+
+
+def load_trainer_state(path: Path, opt: torch.optim.Optimizer) -> RunState:
+    """Restore the optimizer and the RNG from ``path``; returns the run's counters."""
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    scalars = json.loads(meta["scalars"])
+    sd = opt.state_dict()
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in [*tensors.items(), *scalars.items()]:
+        if key.startswith("opt."):
+            _, p_id, name = key.split(".", 2)
+            state.setdefault(int(p_id), {})[name] = value
+    sd["state"] = state
+    opt.load_state_dict(sd)
+    torch.set_rng_state(tensors["rng.torch"])
+    known = {f.name for f in dataclasses.fields(RunState)}  # states written by older versions carry more keys
+    return RunState(**{k: v for k, v in json.loads(meta["run"]).items() if k in known})

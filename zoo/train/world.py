@@ -1,0 +1,37 @@
+"""The processes of a run: torchrun's process group (gloo on CPU, NCCL on CUDA), and the means and
+maxima of values over its ranks."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed() -> bool:
+    """Join the process group that torchrun describes; False if there is none to join."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    _, world = rank_and_world()
+    if world > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
+        value /= world
+    return value
+
+
+def max_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
