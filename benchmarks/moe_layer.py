@@ -15,11 +15,11 @@ import time
 from typing import Any, Callable
 
 import torch
+from common import matmul_peak
 
 import zoo
-from common import matmul_peak
-from zoo.model import SwiGLU
 from zoo.builder import build_ffn
+from zoo.model import SwiGLU
 from zoo.moe import MoEFFN
 
 SHAPES = {  # name: (E, k, H, F, tokens, renormalize, HF family)

@@ -29,14 +29,14 @@ from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
+from common import matmul_peak, matmul_peaks, paired_ratio, round_robin_samples, sync
 
 import zoo
-from common import matmul_peak, matmul_peaks, paired_ratio, round_robin_samples, sync
 from zoo.checkpoint import checkpoint_config
 from zoo.interop.hf import from_hf
 from zoo.kernels.gemm import cpu_has_native, cpu_matmul
-from zoo.train.malloc import retain_freed_memory
 from zoo.moe import after_optimizer_step
+from zoo.train.malloc import retain_freed_memory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SMALL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=4, vocab_size=4096,

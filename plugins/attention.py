@@ -24,6 +24,9 @@ class MultiHeadAttention(zoo.Attention):
     """
 
     supports_cache = True
+    # transformers' names for its modules (zoo convert): qkv stacks q_proj, k_proj and v_proj
+    hf_names = {"qkv": ("q_proj", "k_proj", "v_proj"), "out": ("o_proj",), "q_norm": ("q_norm",), "k_norm": ("k_norm",)}
+    hf_bias_options = {"qkv_bias": True}  # the options that give transformers' q/k/v biases
 
     @dataclass
     class Options:

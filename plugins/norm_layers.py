@@ -17,6 +17,8 @@ import zoo
 class RMSNorm(nn.Module):
     """``x / sqrt(mean(x^2) + eps) * g`` (Zhang & Sennrich 2019), computed in fp32, gain only."""
 
+    hf_rms_norm = True  # transformers' RMSNorm, gain only (zoo convert)
+
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.dim, self.eps = dim, eps

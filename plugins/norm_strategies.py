@@ -3,6 +3,10 @@
 Equations follow shared/reference/variants.md (section A) and hybridnorm.md (sections 1.1, 1.3).
 ``N`` is the configured norm layer; ``A`` attention; ``F`` the FFN; ``x`` the block input. Each
 strategy names its norms in ``norms``; the base class makes them with ``make_norm(d_model)``.
+
+``zoo convert`` reads what each strategy is in Hugging Face transformers' terms from it: ``hf_norms``
+(its norms under transformers' per-layer names), ``hf_qk_options`` (the q/k-norm widths it can take,
+with the ``norm_options`` for each), or ``hf_missing`` (why no transformers architecture wires a block so).
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ class PreNorm(NormStrategy):
     """Pre-LN (Xiong et al. 2020): ``h = x + A(N(x)); x' = h + F(N(h))``, final norm."""
 
     norms = ("attn_norm", "ffn_norm")
+    hf_norms = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
 
     def forward(self, x, attn, ffn):
         h = x + attn(self.attn_norm(x))
@@ -32,6 +37,8 @@ class PostNorm(NormStrategy):
 
     norms = ("attn_norm", "ffn_norm")
     final_norm = False
+    hf_missing = ("Post-LN normalizes after each residual add (x' = N(h + F(h))) and has no final norm; no "
+                  "transformers decoder with RoPE, RMSNorm and SwiGLU is wired that way")
 
     def forward(self, x, attn, ffn):
         h = self.attn_norm(x + attn(x))
@@ -44,6 +51,8 @@ class HybridNorm(NormStrategy):
 
     norms = ("ffn_norm",)
     qkv_norm = ("q", "k", "v")
+    hf_missing = ("HybridNorm normalizes Q, K and V per head and takes the FFN residual after the norm "
+                  "(z = N(x + A(x)); x' = z + F(z)); no transformers architecture computes that")
 
     def forward(self, x, attn, ffn):
         z = self.ffn_norm(x + attn(x))
@@ -53,6 +62,9 @@ class HybridNorm(NormStrategy):
 class HybridNormStar(HybridNorm):
     """HybridNorm*: block 0 is Pre-Norm in both sublayers with QKV-Norm kept,
     ``h = x + A(N(x)); x' = h + F(N(h))``; later blocks are HybridNorm, ``z = N(x + A(x)); x' = z + F(z)``."""
+
+    hf_missing = ("HybridNorm* normalizes Q, K and V per head and, after a pre-norm first block, takes the FFN "
+                  "residual after the norm (z = N(x + A(x)); x' = z + F(z)); no transformers architecture computes that")
 
     def norm_names(self):
         return ("attn_norm", "ffn_norm") if self.layer == 0 else ("ffn_norm",)
@@ -68,6 +80,8 @@ class MixLN(NormStrategy):
     """Mix-LN (Li et al. 2024): Post-LN in layers ``l < floor(alpha * L)``, Pre-LN after; final norm."""
 
     norms = ("attn_norm", "ffn_norm")
+    hf_missing = ("Mix-LN switches from Post-LN to Pre-LN part-way through the stack; no transformers architecture "
+                  "mixes the two")
 
     @dataclass
     class Options:
@@ -92,6 +106,9 @@ class PeriLN(NormStrategy):
     ``h = x + N(A(N(x))); x' = h + N(F(N(h)))``, final norm; ``embed_norm: true`` adds ``N(embed)``."""
 
     norms = ("attn_in_norm", "attn_out_norm", "ffn_in_norm", "ffn_out_norm")
+    hf_missing = ("Peri-LN (Sandwich-LN) normalizes both the input and the output of each sublayer; the nearest "
+                  "transformers architecture (Gemma-2) also scales the embeddings by sqrt(d) and uses (1 + w) norm "
+                  "gains, so it does not compute the same function")
 
     def forward(self, x, attn, ffn):
         h = x + self.attn_out_norm(attn(self.attn_in_norm(x)))
@@ -103,6 +120,7 @@ class QKNorm(PreNorm):
     per head (Qwen3, one gain of head size) or full width (OLMo-2) by ``norm_options.width``."""
 
     qkv_norm = ("q", "k")
+    hf_qk_options = {"head": {"width": "head"}, "full": {"width": "full"}}  # Qwen3 per head, OLMoE at full width
 
     @dataclass
     class Options:
@@ -121,6 +139,8 @@ class OLMo2(NormStrategy):
     norms = ("attn_out_norm", "ffn_out_norm")
     qkv_norm = ("q", "k")
     qkv_norm_width = "full"
+    hf_norms = {"attn_out_norm": "post_attention_layernorm", "ffn_out_norm": "post_feedforward_layernorm"}
+    hf_qk_options = {"full": {}}
 
     def forward(self, x, attn, ffn):
         h = x + self.attn_out_norm(attn(x))
@@ -148,6 +168,8 @@ class DeepNorm(NormStrategy):
 
     norms = ("attn_norm", "ffn_norm")
     final_norm = False
+    hf_missing = ("DeepNorm is a post-norm that scales the residual by alpha = (2L)^(1/4) (x' = N(alpha x + F(x))); "
+                  "no transformers architecture computes that")
 
     @dataclass
     class Options:

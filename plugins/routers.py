@@ -21,6 +21,8 @@ class TopKRouter(Router):
     """Softmax token choice: ``p = softmax(logits)``, the top-k of p as gates; ``renormalize``
     divides them by their sum (Mixtral), otherwise they stay raw probabilities (OLMoE)."""
 
+    hf_renormalize_option = "renormalize"  # transformers' softmax top-k routing, norm_topk_prob (zoo convert)
+
     @dataclass
     class Options:
         renormalize: bool = False

@@ -1,7 +1,10 @@
 """Built-in variants: the HybridNorm paper's configurations at full size, and tiny CPU variants.
 
 Every tiny variant exists dense and MoE for every built-in norm strategy, with matched active
-parameters (see variant_configs/tiny-moe.yaml).
+parameters (see variant_configs/tiny-moe.yaml). ``extra`` says what the experiments take by
+default: ``study`` (the placements `zoo study` compares, in this order; the first is the baseline of
+its paired differences), ``label`` (a placement's name in reports) and ``compare`` (what `zoo compare`
+trains).
 """
 from __future__ import annotations
 
@@ -12,10 +15,18 @@ from zoo import Variant
 
 CONFIGS = Path(__file__).parent / "variant_configs"
 TINY_STRATEGIES = ("prenorm", "postnorm", "hybridnorm", "hybridnorm-star", "mixln", "periln", "qknorm", "olmo2", "deepnorm")
+STUDY = {"prenorm": "Pre-Norm", "postnorm": "Post-Norm", "mixln": "Mix-LN", "hybridnorm": "HybridNorm",
+         "hybridnorm-star": "HybridNorm*"}  # in the order of the study's tables and plots; the first is its baseline
+COMPARE = ("hybridnorm", "prenorm")
 PAPER = {
     "olmo2-1b": ("dense 1.2B (OLMo-2-1B shape)", ("hybridnorm", "hybridnorm-star", "prenorm")),
     "olmoe-1b-7b": ("MoE 1B-active / 7B-total (OLMoE-1B-7B shape)", ("hybridnorm-star", "prenorm")),
 }
+
+
+def _extra(strategy: str) -> dict[str, object]:
+    study = {"study": list(STUDY).index(strategy), "label": STUDY[strategy]} if strategy in STUDY else {}
+    return {**study, **({"compare": True} if strategy in COMPARE else {})}
 
 
 @zoo.hookimpl
@@ -32,4 +43,4 @@ def register_variants(register):
                 config=[CONFIGS / f"tiny-{kind}.yaml", {"norm_strategy": strategy}],
                 description=f"Tiny {'MoE' if kind == 'moe' else 'dense'} CPU variant with {strategy} placement"
                             + (" (active parameters matched to the tiny dense variant)." if kind == "moe" else "."),
-                tags=("tiny",)))
+                tags=("tiny",), extra=_extra(strategy)))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import ast
 import re
-import tomllib
 from pathlib import Path
 
+import tomllib
 from importlinter.cli import lint_imports
 
 REPO = Path(__file__).resolve().parents[1]

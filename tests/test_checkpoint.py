@@ -6,7 +6,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -313,3 +312,34 @@ def test_training_gradients_match_transformers(case, tmp_path, idx):
     for name, want in hf_grads.items():
         assert want.abs().max() > 0, name
         torch.testing.assert_close(grads[name], want, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+class _RenamedPreNorm(zoo.NormStrategy):
+    """Pre-Norm whose norms have other names than the built-in's: the converter reaches them only through
+    the ``hf_norms`` it declares, so renaming a plugin's fields cannot break conversion."""
+
+    norms = ("before_attention", "before_ffn")
+    hf_norms = {"before_attention": "input_layernorm", "before_ffn": "post_attention_layernorm"}
+
+    def forward(self, x, attn, ffn):
+        h = x + attn(self.before_attention(x))
+        return h + ffn(self.before_ffn(h))
+
+
+def test_a_plugins_declared_names_are_all_the_converter_needs(tmp_path, idx, runtime_plugin):
+    class Plugin:
+        @zoo.hookimpl
+        def register_norm_strategies(self, register):
+            register("renamed-prenorm", _RenamedPreNorm)
+
+    runtime_plugin(Plugin(), "test-renamed-prenorm")
+    torch.manual_seed(0)
+    model = randomize(zoo.build("tiny-dense-prenorm", ["norm_strategy=renamed-prenorm"]))
+    ckpt = zoo.save(model, tmp_path / "zoo" / "model.safetensors")
+    out = to_hf(ckpt, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    assert_same(hf_logits(hf, idx), zoo_logits(model, idx))
+    back = zoo.load(from_hf(out, tmp_path / "back"))  # either declared Pre-Norm computes it
+    assert back.cfg.norm_strategy in ("prenorm", "renamed-prenorm")
+    assert_same(zoo_logits(back, idx), zoo_logits(model, idx))

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 import zoo
 from zoo import hub
-from zoo.hub import client as hub_client
 from zoo.cli import main
+from zoo.hub import client as hub_client
 from zoo.hub.protocol import CHECKSUMS, parse_checksums
 from zoo.hub.server import HubRequestHandler, HubServer, serve_background
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from zoo.errors import ConfigError
-from zoo.kernels.linear import Linear, linear
 from zoo.kernels.gemm import CPU_MATMUL_ENV, compute_dtype, cpu_matmul, cpu_matmul_libraries, weight_grad
+from zoo.kernels.linear import Linear, linear
 
 
 def _operands(dtype: torch.dtype, bias: bool):

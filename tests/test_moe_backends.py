@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 import torch
+from moe_helpers import build_moe_layer
 
 import zoo
 from zoo.moe import MoEFFN
 from zoo.moe import experts as moe_experts
-
-from moe_helpers import build_moe_layer
 
 pytestmark = pytest.mark.usefixtures("registry_unchanged", "one_intra_op_thread")
 

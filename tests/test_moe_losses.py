@@ -11,11 +11,10 @@ from typing import Any
 
 import pytest
 import torch
+from moe_helpers import build_moe_layer
 
 import zoo
 from zoo.moe import MoEFFN, load_balancing_loss, z_loss
-
-from moe_helpers import build_moe_layer
 
 pytestmark = pytest.mark.usefixtures("registry_unchanged", "one_intra_op_thread")
 

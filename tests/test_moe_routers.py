@@ -12,11 +12,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from moe_helpers import build_moe_layer
 
 import zoo
 from zoo.moe import MoEFFN, Routing, after_optimizer_step
-
-from moe_helpers import build_moe_layer
 
 pytestmark = pytest.mark.usefixtures("registry_unchanged", "one_intra_op_thread")
 

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from zoo.plugins.norm_layers import RMSNorm
+from zoo.plugins.norm_strategies import PreNorm
 
 import zoo
 from zoo import hookspecs
-from zoo.plugins.norm_layers import RMSNorm
-from zoo.plugins.norm_strategies import PreNorm
 from zoo.registry import REGISTRY, PluginWarning, Registry
 
 pytestmark = pytest.mark.usefixtures("registry_unchanged")

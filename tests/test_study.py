@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from zoo.experiments.study import Run, StudyConfig, aggregate, layer_grad_norms, plan, summarize
 from zoo.experiments.report import paired_differences, write_card_results
+from zoo.experiments.study import Run, StudyConfig, aggregate, layer_grad_norms, plan, summarize
 from zoo.train import TrainConfig
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -89,7 +89,7 @@ def test_aggregate_means_stds_and_paired_differences():
     assert by["prenorm"]["final_residual_rms"] == pytest.approx(0.7)
     assert by["prenorm"]["train_loss"] == pytest.approx(2.5)  # mean of the last steps' losses (3, 2)
     assert by["prenorm"]["grad_spread_log10"] == pytest.approx(0.0)  # last-20% window: layers 2.0 and 2.0
-    (d,) = paired_differences(rows, "main", "dense")
+    (d,) = paired_differences(rows, "main", "dense", "prenorm")
     assert d["strategy"] == "hybridnorm" and d["mean"] == pytest.approx(0.0) and d["wins"] == 1 and d["n"] == 2
     assert d["std"] == pytest.approx((0.1**2 + 0.1**2) ** 0.5)  # differences -0.1 and +0.1
 

@@ -15,7 +15,7 @@ from typing import Any
 MOVED: dict[str, tuple[str, ...]] = {  # old path -> the modules its names now live in
     "zoo.attention": ("zoo.nn", "zoo.model"),
     "zoo.sdpa": ("zoo.kernels.sdpa",),
-    "zoo.linear": ("zoo.kernels.linear", "zoo.kernels.gemm"),
+    "zoo.linear": ("zoo.kernels.gemm", "zoo.kernels.linear"),
     "zoo.evaluate": ("zoo.train.evaluate",),
     "zoo.data": ("zoo.train.data",),
     "zoo.tokenizer": ("zoo.train.tokenizer",),

@@ -1,9 +1,9 @@
 """The one builder: a config's plugin names resolved through the registry, then the model made from them.
 
-``get_config(name)`` merges a variant's config. ``resolve(cfg)`` looks up every plugin the config names and checks each one's options, once; its
-``Components`` are all the model needs (zoo/model/model.py knows no plugin by name). ``build_model``
-makes a model on a device and initializes it; ``empty_model`` makes the frame that checkpoints load
-into; ``model_stats`` counts a config's parameters and FLOPs on ``meta``.
+``get_config(name)`` merges a variant's config. ``resolve(cfg)`` looks up every plugin the config names
+and checks each one's options; its ``Components`` are all the model needs (zoo/model/model.py knows no
+plugin by name). ``build_model`` makes a model on a device and initializes it; ``empty_model`` makes
+the frame that checkpoints load into; ``model_stats`` counts a config's parameters and FLOPs on ``meta``.
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ def _norm_factory(cfg: ModelConfig) -> MakeNorm:
     try:
         inspect.signature(layer).bind(1, eps=cfg.norm_eps, **dict(cfg.norm_layer_options))
     except TypeError as e:
-        raise ConfigError(f"norm_layer_options {dict(cfg.norm_layer_options)} do not fit norm layer {cfg.norm_layer!r}: {e}") from None
+        raise ConfigError(f"norm_layer_options {dict(cfg.norm_layer_options)} do not fit norm layer "
+                          f"{cfg.norm_layer!r}: {e}") from None
     except ValueError:  # no signature to inspect (a builtin); let construction decide
         pass
     return functools.partial(layer, eps=cfg.norm_eps, **dict(cfg.norm_layer_options))

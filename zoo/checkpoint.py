@@ -15,9 +15,7 @@ init compute, no second copy of the weights.
 from __future__ import annotations
 
 import json
-import os
 import struct
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -28,12 +26,12 @@ from safetensors.torch import load_file, save_file
 from .builder import empty_model
 from .config import ConfigSource, ModelConfig, merge_config
 from .errors import ZooError
+from .files import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, atomic_path, write_text
 from .model import ZooModel, count_params
 from .version import __version__
 
 FORMAT = "hybridnorm-zoo"
 FORMAT_VERSION = "1"
-WEIGHTS_NAME = "model.safetensors"
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors limit
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -72,17 +70,9 @@ def _sort_metadata(path: Union[str, Path]) -> None:
 
 
 def _write_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
         _sort_metadata(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def split_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict[str, torch.Tensor]]:
@@ -123,12 +113,7 @@ def save(model: ZooModel, path: Union[str, Path], *, variant: Optional[str] = No
         weight_map.update(dict.fromkeys(shard, shard_name))
     old = _shard_files(index_path)
     index = {"metadata": {**metadata, "save_id": save_id, "total_size": total_bytes}, "weight_map": weight_map}
-    fd, tmp = tempfile.mkstemp(prefix=f".{index_path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(index, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, index_path)
+    write_text(index_path, json.dumps(index, indent=2))
     if path.exists():
         path.unlink()  # a single-file checkpoint of the same name is superseded
     for stale in old - set(weight_map.values()):
@@ -192,7 +177,7 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
 def _files(path: Path) -> tuple[list[Path], dict[str, str]]:
     """The shard files of a checkpoint path (file, index, the file whose index exists, or a folder holding either)."""
     if path.is_dir():
-        inside = [path / n for n in (WEIGHTS_NAME, WEIGHTS_NAME + ".index.json") if (path / n).exists()]
+        inside = [path / n for n in (WEIGHTS_NAME, WEIGHTS_INDEX_NAME) if (path / n).exists()]
         if not inside:
             raise CheckpointError(f"{path} is a folder without {WEIGHTS_NAME} or {WEIGHTS_NAME}.index.json; "
                                   "pass the checkpoint file itself")

@@ -210,15 +210,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _compare_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("names", nargs="*", help="variants (default: tiny dense and MoE HybridNorm and their Pre-Norm baselines)")
+    p.add_argument("names", nargs="*", help="variants (default: those the registered variants mark for comparison, for "
+                   "the built-ins tiny dense and MoE HybridNorm and their Pre-Norm baselines)")
     _add_train_options(p)
     p.add_argument("--out", default="runs/compare", help="report folder (default: runs/compare)")
 
 
 def cmd_study(args: argparse.Namespace) -> int:
     from dataclasses import replace
-    from .experiments.study import StudyConfig, run_study
+
     from .experiments.report import write_report
+    from .experiments.study import StudyConfig, run_study
     sc = StudyConfig()
     main = replace(sc.main, **{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
                                                   ("seq_len", args.seq_len), ("data", args.data)) if v is not None})
@@ -246,8 +248,9 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def _study_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategies", nargs="+", metavar="NAME", help="norm strategies (default: prenorm postnorm mixln "
-                   "hybridnorm hybridnorm-star); each trains as tiny-KIND-NAME")
+    p.add_argument("--strategies", nargs="+", metavar="NAME", help="norm strategies, the first the baseline of the paired "
+                   "differences (default: those the registered variants offer the study, for the built-ins prenorm postnorm "
+                   "mixln hybridnorm hybridnorm-star); each trains as tiny-KIND-NAME")
     p.add_argument("--kinds", nargs="+", choices=["dense", "moe"], help="model kinds (default: dense moe)")
     p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds of the main grid (default: 0 1 2)")
     p.add_argument("--steps", type=int, default=None, help="steps per main-grid run (default: 200)")

@@ -13,12 +13,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Optional
 
-from ..api import get_config, stats
+from ..api import get_config, list_models, stats
 from ..errors import ZooError
+from ..registry import REGISTRY
 from ..text import print_table as text_table
 from ..train.trainer import DIVERGED_EXIT, TrainConfig
 
-DEFAULT_NAMES = ("tiny-dense-hybridnorm", "tiny-dense-prenorm", "tiny-moe-hybridnorm", "tiny-moe-prenorm")
 COLUMNS = ("variant", "total_params", "active_params", "flops_per_token", "tokens_per_s", "peak_mem_mb",
            "train_loss", "val_loss", "diverged")
 
@@ -51,6 +51,12 @@ def read_run(name: str, out: Path, returncode: int, where: str = "see its error 
             "summary": summary, "diverged": diverged}
 
 
+def default_names() -> list[str]:
+    """What ``zoo compare`` trains when given no names: the variants whose ``Variant.extra`` has ``compare``
+    (for the built-ins, the tiny dense and MoE HybridNorm and Pre-Norm)."""
+    return [name for name in list_models() if REGISTRY.get("variant", name).extra.get("compare")]
+
+
 def run_variant(name: str, tc: TrainConfig, out: Path, overrides: list[str]) -> dict[str, Any]:
     proc = subprocess.run(train_command(name, tc, out, overrides), stdout=subprocess.DEVNULL)  # progress and errors on our stderr
     return read_run(name, out, proc.returncode)
@@ -59,7 +65,7 @@ def run_variant(name: str, tc: TrainConfig, out: Path, overrides: list[str]) -> 
 def compare(names: Optional[list[str]] = None, tc: Optional[TrainConfig] = None, out_dir: str = "runs/compare",
             overrides: Optional[list[str]] = None) -> dict[str, Any]:
     """Train every variant alike and write ``report.md``, ``report.json`` and the plots to ``out_dir``."""
-    names = list(names or DEFAULT_NAMES)
+    names = list(names or default_names())
     tc = tc or TrainConfig(steps=150, eval_every=50)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The study's write-up: Markdown tables over seeds, paired differences against Pre-Norm, plots of
+"""The study's write-up: Markdown tables over seeds, paired differences against the baseline, plots of
 loss, per-layer FFN gradient norms and attention logits, and the per-variant results for cards."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
-from .study import LABELS, Run, StudyConfig, _steps, aggregate, depth_group, layer_grad_norms, summarize
+from .study import Run, StudyConfig, _steps, aggregate, depth_group, label, layer_grad_norms, summarize
 
 
 def group_title(group: str) -> str:
@@ -22,11 +22,7 @@ def _f(value: Optional[float], digits: int = 4) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
-def _label(strategy: str) -> str:
-    return LABELS.get(strategy, strategy)
-
-
-def paired_differences(rows: list[dict[str, Any]], group: str, kind: str, baseline: str = "prenorm") -> list[dict[str, Any]]:
+def paired_differences(rows: list[dict[str, Any]], group: str, kind: str, baseline: str) -> list[dict[str, Any]]:
     """Per strategy: val loss minus the baseline's at the same seed, mean and std over seeds, wins."""
     by = {(r["strategy"], r["seed"]): r["val_loss"] for r in rows if r["group"] == group and r["kind"] == kind}
     out = []
@@ -76,16 +72,17 @@ def markdown(sc: StudyConfig, rows: list[dict[str, Any]], table: list[dict[str, 
                   "|---|---|---|---|---|---|---|---|---|"]
         for t in sorted(group_rows, key=lambda t: (t["kind"], t["val_loss"] if t["val_loss"] is not None else math.inf)):
             per_seed = ", ".join(_f(v) for v in t["val_losses"])
-            lines.append(f"| {t['kind']} | {_label(t['strategy'])} | {_f(t['val_loss'])} ± {_f(t['val_loss_std'])} | "
+            lines.append(f"| {t['kind']} | {label(t['strategy'])} | {_f(t['val_loss'])} ± {_f(t['val_loss_std'])} | "
                          f"{per_seed} | {_f(t['train_loss'])} | {t['diverged']}/{len(t['seeds'])} | "
                          f"{_f(t['max_attn_logit'], 1)} | {_f(t['final_residual_rms'], 2)} | "
                          f"{_f(t['grad_spread_log10'], 2)} |")
         lines.append("")
         for kind in dict.fromkeys(t["kind"] for t in group_rows):
-            diffs = paired_differences(rows, group, kind)
+            baseline = label(sc.strategies[0])
+            diffs = paired_differences(rows, group, kind, sc.strategies[0])
             if diffs:
-                lines += [f"Paired against Pre-Norm ({kind}, same seed; negative = better than Pre-Norm):", ""]
-                lines += [f"- {_label(d['strategy'])}: {d['mean']:+.4f} ± {d['std']:.4f} nats/byte, better in "
+                lines += [f"Paired against {baseline} ({kind}, same seed; negative = better than {baseline}):", ""]
+                lines += [f"- {label(d['strategy'])}: {d['mean']:+.4f} ± {d['std']:.4f} nats/byte, better in "
                           f"{d['wins']} of {d['n']} seeds" for d in diffs]
                 lines.append("")
         for key in (f"loss_{group}", f"grad_{group}", f"logit_{group}"):
@@ -139,9 +136,9 @@ def plot(results: list[tuple[Run, dict[str, Any]]], folder: Path, prefix: str) -
             for strategy in strategies:
                 xs, ys = _mean_curve(series(kind, strategy), "loss")
                 if xs:
-                    line, = ax.plot(xs, ys, label=f"{_label(strategy)} (train)", alpha=0.85)
+                    line, = ax.plot(xs, ys, label=f"{label(strategy)} (train)", alpha=0.85)
                     vx, vy = _mean_curve([[r for r in m if "val_loss" in r] for m in series(kind, strategy)], "val_loss")
-                    ax.plot(vx, vy, "o--", color=line.get_color(), label=f"{_label(strategy)} (val)")
+                    ax.plot(vx, vy, "o--", color=line.get_color(), label=f"{label(strategy)} (val)")
             ax.set(title=f"{group_title(group)}: {kind}, mean over seeds", xlabel="tokens", ylabel="loss (nats/byte)")
             ax.set_ylim(top=min(ax.get_ylim()[1], 4.0))
             ax.grid(alpha=0.3)
@@ -158,7 +155,7 @@ def plot(results: list[tuple[Run, dict[str, Any]]], folder: Path, prefix: str) -
                     if per_seed:
                         n = min(len(g) for g in per_seed)
                         ax.plot(range(n), [statistics.fmean(g[i] for g in per_seed) for i in range(n)], "o-",
-                                label=_label(strategy), ms=3)
+                                label=label(strategy), ms=3)
                 ax.set(title=f"{kind}: FFN gradient norm per layer, {title}", xlabel="layer", ylabel="‖∇W_FFN‖")
                 ax.set_yscale("log")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -175,7 +172,7 @@ def plot(results: list[tuple[Run, dict[str, Any]]], folder: Path, prefix: str) -
                 xs, ys = _mean_curve(runs, "max_logit")
                 if xs:
                     any_logit = True
-                    ax.plot(xs, ys, label=_label(strategy))
+                    ax.plot(xs, ys, label=label(strategy))
             ax.set(title=f"{kind}: largest attention logit (max over layers)", xlabel="tokens", ylabel="logit")
             ax.grid(alpha=0.3)
             _legend(ax)

@@ -21,14 +21,27 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from ..api import get_config
-from ..errors import ZooError
+from ..api import get_config, list_models
+from ..registry import REGISTRY
 from ..train.trainer import TrainConfig
 from .compare import read_run, train_command
 
-STRATEGIES = ("prenorm", "postnorm", "mixln", "hybridnorm", "hybridnorm-star")
-LABELS = {"prenorm": "Pre-Norm", "postnorm": "Post-Norm", "mixln": "Mix-LN", "hybridnorm": "HybridNorm",
-          "hybridnorm-star": "HybridNorm*"}
+
+def placements() -> dict[str, str]:
+    """The placements registered variants offer the study, ``{norm strategy: label}`` in study order: those
+    whose ``Variant.extra`` has a ``study`` position (plugins/variants.py sets them for the built-ins)."""
+    found: dict[str, tuple[int, str]] = {}
+    for name in list_models():
+        extra = REGISTRY.get("variant", name).extra
+        if "study" in extra:
+            strategy = get_config(name).norm_strategy
+            found.setdefault(strategy, (int(extra["study"]), str(extra.get("label", strategy))))
+    return {s: label for s, (_, label) in sorted(found.items(), key=lambda item: item[1][0])}
+
+
+def label(strategy: str) -> str:
+    """A placement's name in reports: its variants' ``label``, else the strategy's registry name."""
+    return placements().get(strategy, strategy)
 DEPTH_SHAPE = ("n_layers=24", "d_model=64", "n_heads=2", "ffn.hidden_size=256")
 
 
@@ -36,7 +49,7 @@ DEPTH_SHAPE = ("n_layers=24", "d_model=64", "n_heads=2", "ffn.hidden_size=256")
 class StudyConfig:
     """What the study trains. ``main`` is the tiny dense/MoE grid; ``depth`` the deep, narrow stress test."""
 
-    strategies: tuple[str, ...] = STRATEGIES
+    strategies: tuple[str, ...] = field(default_factory=lambda: tuple(placements()))  # the first is the baseline
     kinds: tuple[str, ...] = ("dense", "moe")
     seeds: tuple[int, ...] = (0, 1, 2)
     main: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200, eval_every=50, checkpoint_every=200))

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Union
 
 from .index import record
 from .protocol import CHECKSUMS, commit_id, format_checksums, sha256_file

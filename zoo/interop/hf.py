@@ -6,22 +6,30 @@ state dict, and writes ``out_dir/model.safetensors`` (``zoo.save``) and ``out_di
 ``to_hf(name_or_checkpoint, out_dir)`` writes ``config.json`` and ``model.safetensors`` that
 ``transformers.AutoModelForCausalLM.from_pretrained`` loads. Neither direction imports transformers.
 
-Architectures (``model_type``), both ways:
+Architectures (``model_type``), both ways, by their decoder layer's layout:
 
 =============  ===========================================  =====================================
-model_type     zoo                                          notes
+model_type     layout                                       notes
 =============  ===========================================  =====================================
-llama          prenorm, dense                               ``attention_bias``: q/k/v bias, o zero
-mistral        prenorm, dense, ``attention.sliding_window``
-mixtral        prenorm, MoE, topk ``renormalize=true``      sliding window; ``router_jitter_noise``
-qwen2_moe      prenorm, MoE + gated shared expert,          ``qkv_bias``; all layers sparse
-               topk ``renormalize=norm_topk_prob``
-olmoe          qknorm ``width=full``, MoE, topk             ``norm_topk_prob`` (OLMoE: false)
-qwen3          qknorm ``width=head``, dense
-qwen3_moe      qknorm ``width=head``, MoE, topk             all layers sparse
-olmo2          olmo2, dense
-flex_olmo      olmo2, MoE, topk
+llama          pre-norm, dense                              ``attention_bias``: q/k/v bias, o zero
+mistral        pre-norm, dense, sliding window
+mixtral        pre-norm, MoE, renormalized top-k            ``router_jitter_noise``
+qwen2_moe      pre-norm, MoE + gated shared expert          q/k/v biases; all layers sparse
+olmoe          pre-norm, full-width q/k norms, MoE          ``norm_topk_prob`` (OLMoE: false)
+qwen3          pre-norm, per-head q/k norms, dense
+qwen3_moe      pre-norm, per-head q/k norms, MoE            all layers sparse
+olmo2          output norms, full-width q/k norms, dense
+flex_olmo      output norms, full-width q/k norms, MoE
 =============  ===========================================  =====================================
+
+Nothing here names a plugin: each declares what it is in transformers' terms, and the converter
+matches layouts. A norm strategy declares ``hf_norms`` (its norms under the decoder layer's names:
+``input_layernorm`` and ``post_attention_layernorm`` for pre-norm, ``post_attention_layernorm`` and
+``post_feedforward_layernorm`` for output norms) and ``hf_qk_options`` (the q/k-norm widths it takes,
+with the ``norm_options`` for each), or ``hf_missing`` (why no transformers architecture wires its
+block); a norm layer ``hf_rms_norm``; an attention ``hf_names`` (its modules under the attention's
+names, ``q_proj`` ... ``o_proj``) and ``hf_bias_options``; a router ``hf_renormalize_option``. The
+built-ins: prenorm, qknorm and olmo2; rmsnorm; mha; topk.
 
 Weights map one to one (RoPE is rotate-half on both sides, so nothing is permuted): q/k/v
 projections stack into ``attn.qkv``, gate/up into ``gate_up``, and expert ``e``'s gate / up / down
@@ -37,7 +45,7 @@ So ``lb_weight = coef * top_k / n_layers`` (equal at balance) and back. transfor
 z-loss: imports set ``moe.z_weight=0``.
 
 A variant without a transformers equivalent (HybridNorm, HybridNorm*, Post-LN, Mix-LN, Peri-LN,
-DeepNorm, non-top-k routers, ...) raises ``HFConversionError`` saying why.
+DeepNorm, non-top-k routers, ...) raises ``HFConversionError`` saying why (its ``hf_missing``).
 """
 from __future__ import annotations
 
@@ -52,18 +60,24 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..api import get_config
-from ..builder import empty_model
+from ..builder import empty_model, resolve
 from ..checkpoint import checkpoint_config, save, split_shards
-from ..config import ConfigSource, ModelConfig, merge_config
+from ..config import ConfigSource, ModelConfig, merge_config, resolve_options
 from ..errors import ZooError
+from ..files import CONFIG_NAME as ZOO_CONFIG_NAME
 from ..files import WEIGHTS_NAME
 from ..registry import REGISTRY
 from ..sources import ModelSource, load_source, resolve_source
 
-CONFIG_NAME = "config.json"
-INDEX_NAME = "model.safetensors.index.json"
+HF_CONFIG_NAME = "config.json"
+HF_INDEX_NAME = "model.safetensors.index.json"
 HF_SHARD_BYTES = 5 * 1024**3
 DTYPE_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+PRE = ("input_layernorm", "post_attention_layernorm")          # norms before each sublayer (Llama)
+OUT = ("post_attention_layernorm", "post_feedforward_layernorm")  # norms on each sublayer's output (OLMo-2)
+SPLIT = {"q_proj": "q", "k_proj": "kv", "v_proj": "kv"}            # the widths of projections stored stacked
 
 
 class HFConversionError(ZooError):
@@ -76,8 +90,8 @@ class Arch:
 
     model_type: str
     hf_class: str
-    strategy: str                        # prenorm | qknorm | olmo2
-    qk_width: Optional[str] = None       # qknorm width: "full" (OLMoE) or "head" (Qwen3)
+    norms: tuple[str, str] = PRE         # the decoder layer's two norms, by their transformers names
+    qk_width: Optional[str] = None       # its q/k norms: "full" (one over the projection, OLMoE) or "head" (Qwen3)
     moe: bool = False
     mixtral_names: bool = False          # block_sparse_moe.experts.E.w1/w3/w2 (else mlp.experts.E.*_proj)
     renormalize: Optional[bool] = None   # fixed by the architecture (Mixtral), else config norm_topk_prob
@@ -91,56 +105,34 @@ class Arch:
 
 
 ARCHS: dict[str, Arch] = {a.model_type: a for a in (
-    Arch("llama", "LlamaForCausalLM", "prenorm", bias_key="attention_bias", head_dim_key=True,
+    Arch("llama", "LlamaForCausalLM", bias_key="attention_bias", head_dim_key=True,
          defaults={"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 2048}),
-    Arch("mistral", "MistralForCausalLM", "prenorm", sliding="plain", head_dim_key=True,
+    Arch("mistral", "MistralForCausalLM", sliding="plain", head_dim_key=True,
          defaults={"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 131072, "sliding_window": 4096}),
-    Arch("mixtral", "MixtralForCausalLM", "prenorm", moe=True, mixtral_names=True, renormalize=True, sliding="plain",
+    Arch("mixtral", "MixtralForCausalLM", moe=True, mixtral_names=True, renormalize=True, sliding="plain",
          head_dim_key=True, jitter_key="router_jitter_noise",
          defaults={"rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 131072, "num_local_experts": 8,
                    "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001}),
-    Arch("qwen2_moe", "Qwen2MoeForCausalLM", "prenorm", moe=True, shared_expert=True, bias_key="qkv_bias", sliding="qwen",
+    Arch("qwen2_moe", "Qwen2MoeForCausalLM", moe=True, shared_expert=True, bias_key="qkv_bias", sliding="qwen",
          sparse_layers_keys=True,
          defaults={"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "num_experts": 60,
                    "num_experts_per_tok": 4, "router_aux_loss_coef": 0.001, "qkv_bias": True}),
-    Arch("olmoe", "OlmoeForCausalLM", "qknorm", qk_width="full", moe=True, bias_key="attention_bias",
+    Arch("olmoe", "OlmoeForCausalLM", qk_width="full", moe=True, bias_key="attention_bias",
          defaults={"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 4096, "num_experts": 64,
                    "num_experts_per_tok": 8, "router_aux_loss_coef": 0.01}),
-    Arch("qwen3", "Qwen3ForCausalLM", "qknorm", qk_width="head", bias_key="attention_bias", sliding="qwen",
+    Arch("qwen3", "Qwen3ForCausalLM", qk_width="head", bias_key="attention_bias", sliding="qwen",
          head_dim_key=True,
          defaults={"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "head_dim": 128}),
-    Arch("qwen3_moe", "Qwen3MoeForCausalLM", "qknorm", qk_width="head", moe=True, bias_key="attention_bias",
+    Arch("qwen3_moe", "Qwen3MoeForCausalLM", qk_width="head", moe=True, bias_key="attention_bias",
          sliding="qwen", head_dim_key=True, sparse_layers_keys=True,
          defaults={"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 32768, "num_experts": 128,
                    "num_experts_per_tok": 8, "router_aux_loss_coef": 0.001}),
-    Arch("olmo2", "Olmo2ForCausalLM", "olmo2", bias_key="attention_bias",
+    Arch("olmo2", "Olmo2ForCausalLM", OUT, "full", bias_key="attention_bias",
          defaults={"rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 2048}),
-    Arch("flex_olmo", "FlexOlmoForCausalLM", "olmo2", moe=True, bias_key="attention_bias",
+    Arch("flex_olmo", "FlexOlmoForCausalLM", OUT, "full", moe=True, bias_key="attention_bias",
          defaults={"rms_norm_eps": 1e-6, "rope_theta": 500000.0, "max_position_embeddings": 4096, "num_experts": 7,
                    "num_experts_per_tok": 5, "router_aux_loss_coef": 0.01}),
 )}
-
-# Why a norm strategy has no transformers equivalent (the equations are the zoo's, docs/plugins.md).
-NO_EQUIVALENT = {
-    "hybridnorm": "HybridNorm normalizes Q, K and V per head and takes the FFN residual after the norm "
-                  "(z = N(x + A(x)); x' = z + F(z)); no transformers architecture computes that",
-    "hybridnorm-star": "HybridNorm* normalizes Q, K and V per head and, after a pre-norm first block, takes the FFN "
-                       "residual after the norm (z = N(x + A(x)); x' = z + F(z)); no transformers architecture "
-                       "computes that",
-    "postnorm": "Post-LN normalizes after each residual add (x' = N(h + F(h))) and has no final norm; no transformers "
-                "decoder with RoPE, RMSNorm and SwiGLU is wired that way",
-    "mixln": "Mix-LN switches from Post-LN to Pre-LN part-way through the stack; no transformers architecture "
-             "mixes the two",
-    "periln": "Peri-LN normalizes both the input and the output of each sublayer; the nearest transformers "
-              "architecture (Gemma-2) also scales the embeddings by sqrt(d) and uses (1 + w) norm gains, so it does "
-              "not compute the same function",
-    "sandwich": "Sandwich-LN (Peri-LN) normalizes both the input and the output of each sublayer; the nearest "
-                "transformers architecture (Gemma-2) also scales the embeddings by sqrt(d) and uses (1 + w) norm "
-                "gains, so it does not compute the same function",
-    "deepnorm": "DeepNorm is a post-norm that scales the residual by alpha = (2L)^(1/4) (x' = N(alpha x + F(x))); "
-                "no transformers architecture computes that",
-}
-
 
 # ---------------------------------------------------------------------------------------------
 # Weight name mapping (one table, used both ways)
@@ -156,26 +148,22 @@ class Pair:
 
 
 def _pairs(arch: Arch, cfg: ModelConfig) -> list[Pair]:
-    """Every zoo tensor of ``cfg`` with the HF tensors (names without the ``model.`` prefix) it is made of."""
-    q_dim, kv_dim = cfg.n_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
-    bias = bool(cfg.attention.options.get("qkv_bias", False))
+    """Every zoo tensor of ``cfg`` with the HF tensors (names without the ``model.`` prefix) it is made of. The
+    strategy's norms and the attention's tensors come by the transformers names their plugins declare
+    (``hf_norms``, ``hf_names``); the rest is the zoo's own layout."""
+    parts, keys = resolve(cfg), set(empty_model(cfg).state_dict())
+    widths = {"q": cfg.n_heads * cfg.head_size, "kv": cfg.kv_heads * cfg.head_size}
     pairs = [Pair("embed.weight", ("embed_tokens.weight",))]
     for i in range(cfg.n_layers):
         L, B = f"layers.{i}.", f"blocks.{i}."
-        if arch.strategy == "olmo2":
-            pairs += [Pair(B + "strategy.attn_out_norm.weight", (L + "post_attention_layernorm.weight",)),
-                      Pair(B + "strategy.ffn_out_norm.weight", (L + "post_feedforward_layernorm.weight",))]
-        else:
-            pairs += [Pair(B + "strategy.attn_norm.weight", (L + "input_layernorm.weight",)),
-                      Pair(B + "strategy.ffn_norm.weight", (L + "post_attention_layernorm.weight",))]
-        a = L + "self_attn."
-        pairs.append(Pair(B + "attn.qkv.weight", tuple(a + f"{p}_proj.weight" for p in "qkv"), (q_dim, kv_dim, kv_dim)))
-        if bias:
-            pairs.append(Pair(B + "attn.qkv.bias", tuple(a + f"{p}_proj.bias" for p in "qkv"), (q_dim, kv_dim, kv_dim)))
-        pairs.append(Pair(B + "attn.out.weight", (a + "o_proj.weight",)))
-        if arch.strategy != "prenorm":
-            pairs += [Pair(B + "attn.q_norm.weight", (a + "q_norm.weight",)),
-                      Pair(B + "attn.k_norm.weight", (a + "k_norm.weight",))]
+        pairs += [Pair(B + f"strategy.{norm}.weight", (L + f"{hf}.weight",))
+                  for norm, hf in parts.strategy.hf_norms.items() if B + f"strategy.{norm}.weight" in keys]
+        for module, hf_modules in parts.attention.hf_names.items():
+            for param in ("weight", "bias"):
+                if B + f"attn.{module}.{param}" in keys:
+                    sizes = tuple(widths[SPLIT[h]] for h in hf_modules) if len(hf_modules) > 1 else ()
+                    pairs.append(Pair(B + f"attn.{module}.{param}", tuple(f"{L}self_attn.{h}.{param}" for h in hf_modules),
+                                      sizes))
         if not cfg.is_moe:
             m = L + "mlp."
             F = cfg.ffn.hidden_size
@@ -228,7 +216,7 @@ def hf_folder(path_or_repo: Union[str, Path]) -> Path:
         raise HFConversionError(f"{text!r} is not a local folder, and downloading it needs huggingface_hub "
                                 "(pip install huggingface_hub); or pass a local folder") from None
     try:
-        return Path(snapshot_download(text, allow_patterns=[CONFIG_NAME, "*.safetensors", INDEX_NAME]))
+        return Path(snapshot_download(text, allow_patterns=[HF_CONFIG_NAME, "*.safetensors", HF_INDEX_NAME]))
     except Exception as e:  # offline, unknown repo, gated, ...: one clear line
         why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise HFConversionError(f"{text!r} is not a local folder and could not be downloaded from the Hugging Face "
@@ -237,11 +225,11 @@ def hf_folder(path_or_repo: Union[str, Path]) -> Path:
 
 
 def _read_hf_config(folder: Path) -> dict[str, Any]:
-    path = folder / CONFIG_NAME
+    path = folder / HF_CONFIG_NAME
     try:
         hf = json.loads(path.read_text())
     except FileNotFoundError:
-        raise HFConversionError(f"{folder} has no {CONFIG_NAME}: not a Hugging Face model folder") from None
+        raise HFConversionError(f"{folder} has no {HF_CONFIG_NAME}: not a Hugging Face model folder") from None
     except (OSError, ValueError) as e:
         raise HFConversionError(f"{path}: cannot read it as JSON: {e}") from None
     if not isinstance(hf, dict):
@@ -252,17 +240,17 @@ def _read_hf_config(folder: Path) -> dict[str, Any]:
 def _read_hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / WEIGHTS_NAME).is_file():
         files = [folder / WEIGHTS_NAME]
-    elif (folder / INDEX_NAME).is_file():
+    elif (folder / HF_INDEX_NAME).is_file():
         try:
-            weight_map = json.loads((folder / INDEX_NAME).read_text())["weight_map"]
+            weight_map = json.loads((folder / HF_INDEX_NAME).read_text())["weight_map"]
             files = [folder / name for name in sorted(set(weight_map.values()))]
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise HFConversionError(f"{folder / INDEX_NAME}: not a valid safetensors index: {e}") from None
+            raise HFConversionError(f"{folder / HF_INDEX_NAME}: not a valid safetensors index: {e}") from None
     else:
         pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
         extra = (f"; it holds {', '.join(sorted(pickled))}, pickle files, which the zoo never loads: re-save the "
                  "model with save_pretrained(..., safe_serialization=True)") if pickled else ""
-        raise HFConversionError(f"{folder} has neither {WEIGHTS_NAME} nor {INDEX_NAME}{extra}")
+        raise HFConversionError(f"{folder} has neither {WEIGHTS_NAME} nor {HF_INDEX_NAME}{extra}")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -310,6 +298,32 @@ def _sliding_window(hf: dict[str, Any], arch: Arch) -> Optional[int]:
     return None
 
 
+def _declaring(kind: str, attribute: str) -> list[tuple[str, Any]]:
+    """The registered plugins of ``kind`` that declare a transformers counterpart (``attribute``), by name."""
+    return [(name, cls) for name in REGISTRY.names(kind) if getattr(cls := REGISTRY.get(kind, name), attribute, None)]
+
+
+def _strategy_for(arch: Arch) -> tuple[str, dict[str, Any]]:
+    """The norm strategy (and its options) whose declared transformers layout is ``arch``'s: the same two norms
+    (``hf_norms``), and q/k norms of the same width (``hf_qk_options``) or none."""
+    for name, cls in _declaring("norm strategy", "hf_norms"):
+        if sorted(cls.hf_norms.values()) != sorted(arch.norms):
+            continue
+        if arch.qk_width is None and not cls.qkv_norm:
+            return name, {}
+        if arch.qk_width is not None and arch.qk_width in getattr(cls, "hf_qk_options", {}):
+            return name, dict(cls.hf_qk_options[arch.qk_width])
+    raise HFConversionError(f"no installed norm strategy declares {arch.hf_class}'s layout (norms {', '.join(arch.norms)}"
+                            f"{', q/k norms ' + arch.qk_width + ' width' if arch.qk_width else ''}) in its hf_norms")
+
+
+def _one(kind: str, attribute: str, what: str) -> tuple[str, Any]:
+    found = _declaring(kind, attribute)
+    if not found:
+        raise HFConversionError(f"no installed {kind} declares {what} ({attribute})")
+    return found[0]
+
+
 def hf_to_config(hf: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] = None) -> tuple[Arch, ModelConfig]:
     """The zoo config of an HF ``config.json``; ``tensors`` (prefix-free names) settle the biases."""
     model_type = hf.get("model_type")
@@ -332,18 +346,20 @@ def hf_to_config(hf: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] 
         qkv_bias = "layers.0.self_attn.q_proj.bias" in tensors
     else:
         qkv_bias = bool(_get(hf, arch, arch.bias_key) if arch.bias_key in arch.defaults else hf.get(arch.bias_key))
+    strategy, strategy_options = _strategy_for(arch)
+    attention_name, attention = _one("attention", "hf_names", "transformers' q/k/v/o projections")
     cfg: dict[str, Any] = {
         "d_model": d, "n_layers": n_layers, "n_heads": heads, "n_kv_heads": kv_heads,
         "head_dim": int(head_dim) if int(head_dim) * heads != d else None,
         "vocab_size": int(_get(hf, arch, "vocab_size")),
         "max_seq_len": int(_get(hf, arch, "max_position_embeddings")),
         "tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
-        "norm_strategy": arch.strategy,
-        "norm_options": {"width": arch.qk_width} if arch.strategy == "qknorm" else {},
-        "norm_layer": "rmsnorm", "norm_eps": float(_get(hf, arch, "rms_norm_eps")),
-        "attention": {"type": "mha", "rope_theta": _rope_theta(hf, arch),
+        "norm_strategy": strategy, "norm_options": strategy_options,
+        "norm_layer": _one("norm layer", "hf_rms_norm", "transformers' RMSNorm")[0],
+        "norm_eps": float(_get(hf, arch, "rms_norm_eps")),
+        "attention": {"type": attention_name, "rope_theta": _rope_theta(hf, arch),
                       "sliding_window": _sliding_window(hf, arch),
-                      "options": {"qkv_bias": True} if qkv_bias else {}},
+                      "options": dict(attention.hf_bias_options) if qkv_bias else {}},
     }
     if not arch.moe:
         cfg["ffn"] = {"type": "dense", "hidden_size": int(_get(hf, arch, "intermediate_size"))}
@@ -358,8 +374,9 @@ def hf_to_config(hf: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] 
     width = int(hf["moe_intermediate_size"]) if "moe_intermediate_size" in hf else int(_get(hf, arch, "intermediate_size"))
     renormalize = arch.renormalize if arch.renormalize is not None else bool(hf.get("norm_topk_prob", False))
     coef = float(_get(hf, arch, "router_aux_loss_coef"))
-    moe: dict[str, Any] = {"num_experts": E, "top_k": k, "hidden_size": width, "router": "topk",
-                           "router_options": {"renormalize": renormalize}, "lb_weight": coef * k / n_layers,
+    router_name, router = _one("router", "hf_renormalize_option", "transformers' softmax top-k routing")
+    moe: dict[str, Any] = {"num_experts": E, "top_k": k, "hidden_size": width, "router": router_name,
+                           "router_options": {router.hf_renormalize_option: renormalize}, "lb_weight": coef * k / n_layers,
                            "z_weight": 0.0, "jitter": float(hf.get(arch.jitter_key) or 0.0) if arch.jitter_key else 0.0}
     if arch.shared_expert:
         shared = int(_get(hf, arch, "shared_expert_intermediate_size"))
@@ -465,7 +482,7 @@ def from_hf(path_or_repo: Union[str, Path], out_dir: Union[str, Path], *, dtype:
     out.mkdir(parents=True, exist_ok=True)
     ckpt = save(model, out / WEIGHTS_NAME)
     source = str(path_or_repo)
-    (out / "config.yaml").write_text(f"# imported from Hugging Face {arch.hf_class} ({source}) by `zoo convert --from-hf`\n"
+    (out / ZOO_CONFIG_NAME).write_text(f"# imported from Hugging Face {arch.hf_class} ({source}) by `zoo convert --from-hf`\n"
                                      + cfg.to_yaml())
     return ckpt
 
@@ -473,75 +490,105 @@ def from_hf(path_or_repo: Union[str, Path], out_dir: Union[str, Path], *, dtype:
 # ---------------------------------------------------------------------------------------------
 # Export
 # ---------------------------------------------------------------------------------------------
+def _attention_bias(cfg: ModelConfig) -> bool:
+    """Whether the attention's options are those its plugin declares for transformers' q/k/v biases."""
+    parts = resolve(cfg)
+    declared = getattr(parts.attention, "hf_bias_options", None) or {}
+    return bool(declared) and all(getattr(parts.attention_options, k, None) == v for k, v in declared.items())
+
+
+def _renormalizes(cfg: ModelConfig) -> bool:
+    """Whether the router renormalizes its top-k gates (by the option its plugin names for that)."""
+    router = REGISTRY.get("router", cfg.moe.router)
+    options = resolve_options(router.Options, cfg.moe.router_options, "moe.router_options", f"router {cfg.moe.router!r}")
+    return bool(getattr(options, router.hf_renormalize_option))
+
+
+def _qk_width(cfg: ModelConfig) -> Optional[str]:
+    """The width of layer 0's q/k norms (None without), read from the strategy as built, as it may set them
+    from its options; anything but q and k alone has no transformers counterpart."""
+    parts = resolve(cfg)
+    with torch.device("meta"):
+        strategy = parts.strategy(cfg, 0, parts.make_norm, parts.strategy_options)
+    if not strategy.qkv_norm:
+        return None
+    return strategy.qkv_norm_width if set(strategy.qkv_norm) == {"q", "k"} else "qkv"
+
+
 def export_arch(cfg: ModelConfig, name: str = "this variant") -> Arch:
-    """The transformers architecture that computes exactly what ``cfg`` does, or a clear refusal."""
-    def _refuse(cfg: ModelConfig, why: str) -> HFConversionError:
+    """The transformers architecture that computes exactly what ``cfg`` does, or a clear refusal. The plugins say
+    what they are in transformers' terms (``hf_norms`` and ``hf_missing``, ``hf_rms_norm``, ``hf_names``,
+    ``hf_renormalize_option``); nothing here knows them by name."""
+    def _refuse(why: str) -> HFConversionError:
         return HFConversionError(f"{name} ({cfg.norm_strategy}, {'MoE' if cfg.is_moe else 'dense'}) has no Hugging "
                                  f"Face transformers equivalent: {why}")
 
-    strategy = cfg.norm_strategy
-    if strategy in NO_EQUIVALENT:
-        raise _refuse(cfg, NO_EQUIVALENT[strategy])
-    if strategy not in ("prenorm", "qknorm", "olmo2"):
-        raise _refuse(cfg, f"the converter maps the prenorm, qknorm and olmo2 strategies; {strategy!r} is not one of them")
-    strategy_cls = REGISTRY.get("norm strategy", strategy)
-    final = cfg.final_norm if cfg.final_norm is not None else strategy_cls.final_norm
-    embed = cfg.embed_norm if cfg.embed_norm is not None else strategy_cls.embed_norm
-    if cfg.norm_layer != "rmsnorm" or cfg.norm_layer_options:
-        raise _refuse(cfg, f"its norm layer is {cfg.norm_layer!r} {dict(cfg.norm_layer_options) or ''}; the matching "
-                           "transformers architectures use RMSNorm with a gain only")
+    parts = resolve(cfg)
+    hf_norms = getattr(parts.strategy, "hf_norms", None)
+    if not hf_norms:
+        raise _refuse(getattr(parts.strategy, "hf_missing", None)
+                      or f"norm strategy {cfg.norm_strategy!r} declares no transformers layout (hf_norms)")
+    final = cfg.final_norm if cfg.final_norm is not None else parts.strategy.final_norm
+    embed = cfg.embed_norm if cfg.embed_norm is not None else parts.strategy.embed_norm
+    if not getattr(REGISTRY.get("norm layer", cfg.norm_layer), "hf_rms_norm", False) or cfg.norm_layer_options:
+        raise _refuse(f"its norm layer is {cfg.norm_layer!r} {dict(cfg.norm_layer_options) or ''}; the matching "
+                      "transformers architectures use RMSNorm with a gain only")
     if not final or embed:
-        raise _refuse(cfg, "it changes final_norm / embed_norm; transformers decoders always end with a final norm "
-                           "and never normalize the embeddings")
-    if cfg.attention.type != "mha":
-        raise _refuse(cfg, f"attention {cfg.attention.type!r} is not the zoo's mha (the only attention mapped)")
-    qkv_bias = bool(cfg.attention.options.get("qkv_bias", False))
-    window = cfg.attention.sliding_window
-    width = cfg.norm_options.get("width", "head") if strategy == "qknorm" else None
+        raise _refuse("it changes final_norm / embed_norm; transformers decoders always end with a final norm "
+                      "and never normalize the embeddings")
+    if not getattr(parts.attention, "hf_names", None):
+        raise _refuse(f"attention {cfg.attention.type!r} declares no transformers counterpart (hf_names)")
+    qkv_bias, window, qk = _attention_bias(cfg), cfg.attention.sliding_window, _qk_width(cfg)
+    pre, out = sorted(hf_norms.values()) == sorted(PRE), sorted(hf_norms.values()) == sorted(OUT)
+    layout = f"norms {', '.join(hf_norms.values())}, {'q/k norms ' + qk + ' width' if qk else 'no q/k norms'}"
     if cfg.is_moe:
         moe = cfg.moe
-        if moe.router != "topk":
-            raise _refuse(cfg, f"router {moe.router!r}: the transformers MoE architectures route by softmax top-k "
-                               "(the zoo's topk router)")
-        renorm = bool(moe.router_options.get("renormalize", False))
+        if not getattr(REGISTRY.get("router", moe.router), "hf_renormalize_option", None):
+            raise _refuse(f"router {moe.router!r}: the transformers MoE architectures route by softmax top-k, which "
+                          "this router does not declare (hf_renormalize_option)")
         if moe.shared_experts:
-            if strategy != "prenorm" or not moe.shared_gate:
-                raise _refuse(cfg, "shared experts exist in transformers only as Qwen2-MoE's, which is pre-norm and "
-                                   "gates the shared expert (moe.shared_gate=true)")
+            if not (pre and qk is None) or not moe.shared_gate:
+                raise _refuse("shared experts exist in transformers only as Qwen2-MoE's, which is pre-norm and "
+                              "gates the shared expert (moe.shared_gate=true)")
             arch = ARCHS["qwen2_moe"]
-        elif strategy == "prenorm":
-            if not renorm:
-                raise _refuse(cfg, "Mixtral, the pre-norm MoE without shared experts, renormalizes its top-k gates and "
-                                   "this variant does not (moe.router_options.renormalize=false); set it to true, or "
-                                   "use qknorm width=full (OLMoE) or width=head (Qwen3-MoE)")
+        elif pre and qk is None:
+            if not _renormalizes(cfg):
+                option = REGISTRY.get("router", moe.router).hf_renormalize_option
+                raise _refuse("Mixtral, the pre-norm MoE without shared experts, renormalizes its top-k gates and "
+                              f"this variant does not (moe.router_options.{option}=false); set it to true, or use a "
+                              "placement with full-width (OLMoE) or per-head (Qwen3-MoE) QK-norm")
             arch = ARCHS["mixtral"]
-        elif strategy == "qknorm":
-            arch = ARCHS["olmoe"] if width == "full" else ARCHS["qwen3_moe"]
-        else:
+        elif pre and qk in ("full", "head"):
+            arch = ARCHS["olmoe"] if qk == "full" else ARCHS["qwen3_moe"]
+        elif out and qk == "full":
             arch = ARCHS["flex_olmo"]
-    elif strategy == "prenorm":
+        else:
+            raise _refuse(f"its layout ({layout}) is no transformers MoE architecture's")
+    elif pre and qk is None:
         arch = ARCHS["mistral"] if window is not None else ARCHS["llama"]
-    elif strategy == "qknorm":
-        if width == "full":
-            raise _refuse(cfg, "full-width QK-norm exists in transformers only in MoE models (OLMoE) and with "
-                               "OLMo-2's output norms (norm_strategy=olmo2)")
+    elif pre and qk == "head":
         arch = ARCHS["qwen3"]
-    else:
+    elif pre and qk == "full":
+        raise _refuse("full-width QK-norm exists in transformers only in MoE models (OLMoE) and with "
+                      "OLMo-2's output norms")
+    elif out and qk == "full":
         arch = ARCHS["olmo2"]
+    else:
+        raise _refuse(f"its layout ({layout}) is no transformers architecture's")
     if window is not None and arch.sliding != "plain":
-        raise _refuse(cfg, f"attention.sliding_window={window}: {arch.hf_class} has no sliding window "
-                           "(Mistral and Mixtral do)")
+        raise _refuse(f"attention.sliding_window={window}: {arch.hf_class} has no sliding window "
+                      "(Mistral and Mixtral do)")
     if qkv_bias and arch.bias_key is None:
-        raise _refuse(cfg, f"attention.options.qkv_bias=true: {arch.hf_class} has no attention biases")
+        raise _refuse(f"its attention has q/k/v biases: {arch.hf_class} has no attention biases")
     if not arch.head_dim_key and cfg.head_size * cfg.n_heads != cfg.d_model:
-        raise _refuse(cfg, f"head size {cfg.head_size} with {cfg.n_heads} heads != d_model {cfg.d_model}; "
-                           f"{arch.hf_class} derives the head size as hidden_size / num_attention_heads")
+        raise _refuse(f"head size {cfg.head_size} with {cfg.n_heads} heads != d_model {cfg.d_model}; "
+                      f"{arch.hf_class} derives the head size as hidden_size / num_attention_heads")
     return arch
 
 
 def config_to_hf(arch: Arch, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     """The ``config.json`` of ``arch`` for ``cfg``."""
-    qkv_bias = bool(cfg.attention.options.get("qkv_bias", False))
+    qkv_bias = _attention_bias(cfg)
     hf: dict[str, Any] = {
         "architectures": [arch.hf_class], "model_type": arch.model_type,
         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
@@ -576,7 +623,7 @@ def config_to_hf(arch: Arch, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, 
     if arch.mixtral_names:
         hf.update(num_local_experts=moe.num_experts, intermediate_size=moe.hidden_size, router_jitter_noise=moe.jitter)
     else:
-        hf.update(num_experts=moe.num_experts, norm_topk_prob=bool(moe.router_options.get("renormalize", False)))
+        hf.update(num_experts=moe.num_experts, norm_topk_prob=_renormalizes(cfg))
     if arch.sparse_layers_keys:
         hf.update(moe_intermediate_size=moe.hidden_size, decoder_sparse_step=1, mlp_only_layers=[],
                   intermediate_size=moe.shared_hidden_size or moe.hidden_size * moe.top_k)
@@ -594,20 +641,21 @@ def state_dict_to_hf(arch: Arch, cfg: ModelConfig, state: dict[str, torch.Tensor
     state = dict(state)
     if arch.shared_expert and cfg.moe.shared_hidden_size is None:
         cfg = merge_config(cfg, {"moe": {"shared_hidden_size": cfg.moe.shared_experts * cfg.moe.hidden_size}})
-    hf_cfg = cfg
-    if arch.bias_key == "qkv_bias" and "blocks.0.attn.qkv.bias" not in state:
-        # Qwen2-MoE always has q/k/v biases: write zeros
+    hf_cfg, bias = cfg, _attention_bias(cfg)
+    if arch.bias_key == "qkv_bias" and not bias:  # Qwen2-MoE always has q/k/v biases: write zeros
+        attention = resolve(cfg).attention
+        module = next(m for m, hf in attention.hf_names.items() if "q_proj" in hf)
         for i in range(cfg.n_layers):
-            w = state[f"blocks.{i}.attn.qkv.weight"]
-            state[f"blocks.{i}.attn.qkv.bias"] = w.new_zeros(w.shape[0])
-        hf_cfg = merge_config(cfg, {"attention": {"options": {"qkv_bias": True}}})
+            w = state[f"blocks.{i}.attn.{module}.weight"]
+            state[f"blocks.{i}.attn.{module}.bias"] = w.new_zeros(w.shape[0])
+        hf_cfg = merge_config(cfg, {"attention": {"options": dict(attention.hf_bias_options)}})
     out: dict[str, torch.Tensor] = {}
     for pair in _pairs(arch, hf_cfg):
         t = state.pop(pair.zoo)
         parts = t.split(list(pair.sizes), 0) if pair.sizes else [t]
         for name, p in zip(pair.hf, parts):
             out[("" if name == "lm_head.weight" else "model.") + name] = (p.t() if pair.t else p).contiguous().clone()
-    if arch.bias_key == "attention_bias" and cfg.attention.options.get("qkv_bias"):
+    if arch.bias_key == "attention_bias" and bias:
         for i in range(cfg.n_layers):  # these architectures put a bias on o_proj too: zero, as the zoo has none
             out[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros(cfg.d_model, dtype=out["model.norm.weight"].dtype)
     if state:
@@ -616,7 +664,7 @@ def state_dict_to_hf(arch: Arch, cfg: ModelConfig, state: dict[str, torch.Tensor
 
 
 def _write_hf_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: int) -> None:
-    for stale in [out / WEIGHTS_NAME, out / INDEX_NAME, *out.glob("model-*-of-*.safetensors")]:
+    for stale in [out / WEIGHTS_NAME, out / HF_INDEX_NAME, *out.glob("model-*-of-*.safetensors")]:
         stale.unlink(missing_ok=True)
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if total <= max_shard_bytes:
@@ -628,7 +676,7 @@ def _write_hf_weights(tensors: dict[str, torch.Tensor], out: Path, max_shard_byt
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file(shard, str(out / name), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, name))
-    (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    (out / HF_INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
 def to_hf(source: Union[str, Path, ModelSource], out_dir: Union[str, Path], *, overrides: ConfigSource = None,
@@ -656,9 +704,9 @@ def to_hf(source: Union[str, Path, ModelSource], out_dir: Union[str, Path], *, o
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _write_hf_weights(tensors, out, max_shard_bytes)
-    (out / CONFIG_NAME).write_text(json.dumps(config_to_hf(arch, model.cfg, target), indent=2) + "\n")
+    (out / HF_CONFIG_NAME).write_text(json.dumps(config_to_hf(arch, model.cfg, target), indent=2) + "\n")
     return out
 
 
-__all__ = ["ARCHS", "Arch", "HFConversionError", "NO_EQUIVALENT", "config_to_hf", "export_arch", "from_hf",
+__all__ = ["ARCHS", "Arch", "HFConversionError", "config_to_hf", "export_arch", "from_hf",
            "hf_folder", "hf_to_config", "hf_to_state_dict", "state_dict_to_hf", "to_hf"]

@@ -11,9 +11,9 @@ this module, which registers ``zoo`` and then hands its arguments to lm_eval's o
 ``lm_eval.simple_evaluate(model="zoo", model_args=...)``, or pass ``ZooLM(...)`` itself.
 
 Model arguments: ``name`` (a variant, freshly initialized unless ``pretrained=true``),
-``checkpoint`` (a zoo checkpoint, a folder holding one, or a run folder; zoo/sources.py), ``pretrained``, ``batch_size``, ``device`` (default: CUDA
-when present, else CPU), ``max_length`` (default: the model's ``max_seq_len``), ``dtype``,
-``seed`` (of a fresh variant's init). Text goes through ``zoo.train.tokenizer.tokenizer_for``: bytes,
+``checkpoint`` (a zoo checkpoint, a folder holding one, or a run folder; zoo/sources.py),
+``pretrained``, ``batch_size``, ``device`` (default: CUDA when present, else CPU), ``max_length``
+(default: the model's ``max_seq_len``), ``dtype``, ``seed`` (of a fresh variant's init). Text goes through ``zoo.train.tokenizer.tokenizer_for``: bytes,
 or the ``tokenizer.json`` beside a checkpoint; its end-of-document token is the prefix of an empty
 context and of a rolling window, and stops generation.
 """

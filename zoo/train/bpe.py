@@ -9,11 +9,11 @@ give the same ``tokenizer.json``, byte for byte.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Iterable, Optional, Union
 
 from ..errors import ZooError
+from ..files import write_text
 
 EOS_TOKEN = "<|endoftext|>"
 EOS_NAMES = (EOS_TOKEN, "</s>", "<eos>", "<|end_of_text|>")  # accepted in a tokenizer.json made elsewhere
@@ -59,12 +59,7 @@ class BPETokenizer:
 
     def save(self, path: Union[str, Path]) -> Path:
         """Write ``tokenizer.json`` atomically (concurrent writers of the same file are safe)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(self.to_str())
-        os.replace(tmp, path)
-        return path
+        return write_text(path, self.to_str())
 
     def __repr__(self) -> str:
         return f"BPETokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id})"

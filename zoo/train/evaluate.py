@@ -24,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import SEPARATOR, Corpus, DataError, load_corpus, token_dtype
 from ..errors import ZooError
 from ..files import write_json
+from .data import SEPARATOR, Corpus, DataError, load_corpus, token_dtype
 from .tokenizer import ByteTokenizer
 
 SPLITS = ("train", "val")
