@@ -21,7 +21,7 @@ PEAK_SHAPES = ((2048, 2048, 2048), (4096, 512, 1536), (4096, 1536, 512), (2048, 
 
 def matmul_peaks(dtype: torch.dtype, repeats: int = 5, device: str = "cpu") -> dict[str, float]:
     """FLOP/s of the fastest of a few large matmuls in ``dtype`` (best of ``repeats`` each), per library
-    that can run them: torch's ``mm``, and for fp32 on CPU also oneDNN (``zoo.linear.cpu_matmul_libraries``),
+    that can run them: torch's ``mm``, and for fp32 on CPU also oneDNN (``zoo.kernels.gemm.cpu_matmul_libraries``),
     which on some CPUs is twice MKL's speed. Several shapes, including a transformer layer's, so that no
     model GEMM can beat the "peak" merely by having a friendlier shape than one square probe."""
     from zoo.kernels.gemm import cpu_matmul_libraries, matmul_t

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (peaks and timings synchronize on CUDA)")
     parser.add_argument("--allocator", choices=("retain", "default"), default="retain",
                         help="the CPU allocator setting of both libraries' processes in the comparison with HF: retain "
-                        "freed memory as zoo train does (zoo/malloc.py), or the C library's default; the MFU model "
+                        "freed memory as zoo train does (zoo/train/malloc.py), or the C library's default; the MFU model "
                         "is timed with both")
     parser.add_argument("--moe-backend", default="auto", help="the zoo MoE backend (megablocks on a CUDA machine with it built)")
     parser.add_argument("--json", default="benchmarks/results/train_step.json")

@@ -1,4 +1,4 @@
-"""EleutherAI's lm-evaluation-harness runs zoo models through zoo.lm_eval_adapter: its scores equal
+"""EleutherAI's lm-evaluation-harness runs zoo models through zoo.interop.lm_eval: its scores equal
 the model's own log-softmax sums, and local tasks (JSONL + task YAML, no download) run end to end."""
 from __future__ import annotations
 
@@ -215,9 +215,9 @@ def test_local_tasks_run_end_to_end(model, tmp_path):
 
 @pytest.mark.slow  # about 35 s on a busy 2-core machine: lm_eval's CLI indexes its thousands of built-in tasks
 def test_documented_command_runs(tmp_path, subprocess_env):
-    """`python -m zoo.lm_eval_adapter --model zoo --model_args name=...` is lm_eval's CLI with zoo registered."""
+    """`python -m zoo.interop.lm_eval --model zoo --model_args name=...` is lm_eval's CLI with zoo registered."""
     tasks = write_tasks(tmp_path / "tasks")
-    cmd = [sys.executable, "-m", "zoo.lm_eval_adapter", "--model", "zoo", "--model_args",
+    cmd = [sys.executable, "-m", "zoo.interop.lm_eval", "--model", "zoo", "--model_args",
            "name=tiny-dense-hybridnorm,batch_size=4", "--tasks", "zoo_test_mc,zoo_test_ppl", "--include_path", str(tasks),
            "--device", "cpu", "--output_path", str(tmp_path / "out")]
     proc = subprocess.run(cmd, env=subprocess_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"), cwd=REPO,

@@ -91,10 +91,10 @@ def resolve_source(text: Union[str, Path], *, pretrained: bool = False) -> Model
         check_name("variant", text)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    REGISTRY.get("variant", text)  # an unknown name fails here, with the closest match
-    if pretrained:
+    if pretrained:  # a hub may publish names this installation does not register
         snapshot = hub.pull(text)
         return ModelSource(text, "pretrained", text, _checkpoint_in(snapshot) or snapshot / WEIGHTS_NAME)
+    REGISTRY.get("variant", text)  # an unknown name fails here, with the closest match
     return ModelSource(text, "variant", text)
 
 

@@ -26,6 +26,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Optional, Union
+from urllib.parse import urlsplit
 
 from ..version import __version__
 from .errors import explain
@@ -67,7 +68,6 @@ def _check_revision(revision: Any) -> str:
 
 
 def _check_endpoint(endpoint: Any, where: str) -> str:
-    from urllib.parse import urlsplit
     value = str(endpoint).strip().rstrip("/")
     parts = urlsplit(value)
     if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:

@@ -25,6 +25,7 @@ from typing import Any, Optional, Union
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..errors import ZooError
 from ..sources import ModelSource, load_source, resolve_source
@@ -169,7 +170,6 @@ class ZooLM(TemplateLM):
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: Optional[int] = None) -> list[tuple[float, bool]]:
         """Sum of log-probabilities of each continuation given its context, and whether greedy decoding yields it."""
-        from tqdm import tqdm
         for _, context, continuation in requests:
             if not continuation:
                 raise ZooError("an lm_eval request has an empty continuation; there is nothing to score")
@@ -217,7 +217,6 @@ class ZooLM(TemplateLM):
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:
         """Continuations (greedy unless ``do_sample``) cut at the first stop sequence, through ``model.generate``
         with its KV cache: prompts of a batch are left-padded with an attention mask."""
-        from tqdm import tqdm
         out: list[Optional[str]] = [None] * len(requests)
         groups: dict[str, list[int]] = {}
         for i, req in enumerate(requests):

@@ -1,4 +1,4 @@
 """Training: data and tokenizers, the trainer, and held-out evaluation."""
-from .trainer import TrainConfig, TrainResult, train
+from .trainer import TrainConfig, Trainer, TrainResult, train
 
-__all__ = ["TrainConfig", "TrainResult", "train"]
+__all__ = ["TrainConfig", "TrainResult", "Trainer", "train"]

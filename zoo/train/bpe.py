@@ -3,7 +3,7 @@
 The tokenizer is GPT-2 style byte-level BPE: the 256 byte symbols are always in the vocabulary, so
 any text round-trips exactly (no unknown token, no normalization). One special token,
 ``<|endoftext|>``, has id 0 and ends each document in the training data (the ``eos_id`` of
-zoo.tokenizer's interface); text that happens to contain that string is encoded as plain text, so
+zoo.train.tokenizer's interface); text that happens to contain that string is encoded as plain text, so
 only the data pipeline places it. Training is deterministic: the same texts and vocabulary size
 give the same ``tokenizer.json``, byte for byte.
 """
@@ -30,7 +30,7 @@ def _tokenizers() -> Any:
 
 
 class BPETokenizer:
-    """A ``tokenizers.Tokenizer`` behind the zoo's tokenizer interface (zoo.tokenizer.Tokenizer)."""
+    """A ``tokenizers.Tokenizer`` behind the zoo's tokenizer interface (zoo.train.tokenizer.Tokenizer)."""
 
     def __init__(self, tokenizer: Any) -> None:
         self.backend = tokenizer

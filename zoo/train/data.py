@@ -20,7 +20,7 @@ row index unless the dataset has its own validation split (``validation``, ``val
 
 Tokenizer specs (``--tokenizer``): ``byte`` (the default: UTF-8 bytes, byte 0 ends a document) or
 ``bpe:VOCAB``, a byte-level BPE of at most VOCAB tokens trained with ``tokenizers`` on the train
-split only (zoo.bpe: ``<|endoftext|>`` is id 0 and ends each document). The tokens go into
+split only (zoo/train/bpe.py: ``<|endoftext|>`` is id 0 and ends each document). The tokens go into
 ``cache_dir()/KEY/`` as ``train.uN`` and ``val.uN`` (uint8 for bytes, uint16 or uint32 as the BPE
 vocabulary needs), with ``tokenizer.json`` and ``meta.json``. KEY hashes the spec's files (paths,
 sizes, modification times) or the hub dataset's fingerprints, and the tokenizer spec: a changed file
@@ -44,6 +44,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ..errors import ZooError
 from .bpe import MIN_VOCAB, load_bpe, train_bpe
@@ -381,7 +382,6 @@ def _texts(documents: Iterator[tuple[str, Document]], split: str) -> Iterator[st
 
 def _prepare(source: _Source, spec: str, vocab: Optional[int], folder: Path, progress: bool) -> None:
     """Tokenize every document of ``source`` into ``folder`` (train.uN, val.uN, tokenizer.json, meta.json)."""
-    from tqdm import tqdm
     tokenizer: Any = ByteTokenizer()
     if vocab is not None:
         if progress:

@@ -2,10 +2,9 @@
 
 PyTorch's CPU tensors come from the C library's ``malloc``. glibc serves large blocks with
 ``mmap`` and hands them back to the OS when freed (and trims the heap's top likewise), so every
-training step faults the same pages in again: 130-170k page faults per step of the ~30M-parameter
-benchmark model, whose step ran 8-23% slower for it here. ``retain_freed_memory`` raises both
-thresholds, so freed blocks stay in the heap and the next step reuses them. The cost is that the
-process keeps its peak memory instead of returning it. ``zoo train`` calls it on CPU;
+training step faults the same pages in again (benchmarks/train_step.py times the MFU model with and
+without it). ``retain_freed_memory`` raises both thresholds, so freed blocks stay in the heap and the
+next step reuses them. The cost is that the process keeps its peak memory instead of returning it. ``zoo train`` calls it on CPU;
 ``ZOO_RETAIN_FREED_MEMORY=0`` turns it off.
 """
 from __future__ import annotations

@@ -4,8 +4,8 @@ A tokenizer turns text into ids and back: ``encode(text) -> list[int]``, ``decod
 ``vocab_size`` and ``eos_id`` (the id that ends a document in the training data). A run or a
 published checkpoint that used another tokenizer keeps it beside the weights as
 ``tokenizer.json``; ``tokenizer_for`` finds it there, else falls back to bytes. The other tokenizer
-is a byte-level BPE (zoo.bpe) that ``zoo train --tokenizer bpe:VOCAB`` trains on the train split
-(zoo.data); its ``<|endoftext|>`` (id 0) plays the part of byte 0.
+is a byte-level BPE (zoo/train/bpe.py) that ``zoo train --tokenizer bpe:VOCAB`` trains on the train split
+(zoo/train/data.py); its ``<|endoftext|>`` (id 0) plays the part of byte 0.
 """
 from __future__ import annotations
 
