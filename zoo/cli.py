@@ -166,10 +166,10 @@ def _run_to_train(args: argparse.Namespace) -> tuple[Any, Path, Optional[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .train.trainer import DIVERGED_EXIT, DivergenceError, TrainConfig, train
+    from .train.trainer import DIVERGED_EXIT, TRAIN_CONFIG_NAME, DivergenceError, TrainConfig, train
     from .train.world import init_distributed
     model, out, variant = _run_to_train(args)
-    base = TrainConfig.of_run(out) if args.resume and (out / "train.json").exists() else None
+    base = TrainConfig.of_run(out) if args.resume and (out / TRAIN_CONFIG_NAME).exists() else None
     joined = init_distributed()
     try:
         result = train(model, args.set or None, _train_config(args, base), out_dir=out, resume=args.resume,
