@@ -123,3 +123,35 @@ def test_build_is_deterministic_under_a_seed():
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb
         torch.testing.assert_close(pa, pb)
+
+
+LADDER = zoo.list_models("ladder-*")
+
+
+def test_the_ladder_says_its_size_and_matches_dense_and_moe():
+    """About 20M, 150M and 550M active parameters, for the paper's three placements, dense and MoE; the MoE
+    variant's active parameters are its dense twin's plus only the router."""
+    assert len(LADDER) == 18
+    for name in LADDER:
+        _, size, kind, strategy = name.split("-", 3)
+        cfg, st = zoo.get_config(name), zoo.stats(name, flops=False)
+        assert strategy in ("prenorm", "hybridnorm", "hybridnorm-star") and cfg.norm_strategy == strategy
+        assert cfg.ffn.type == kind
+        target = int(size.removesuffix("m")) * 1e6
+        assert abs(st.active_params - target) / target < 0.05, (name, st.active_params)
+        if kind == "moe":
+            dense = zoo.stats(name.replace("-moe-", "-dense-"), flops=False)
+            router = cfg.n_layers * cfg.moe.num_experts * cfg.d_model
+            assert st.active_params == dense.active_params + router
+            assert st.total_params > 2 * dense.total_params
+
+
+@pytest.mark.parametrize("name", ["ladder-20m-dense-hybridnorm", "ladder-20m-moe-hybridnorm-star"])
+def test_the_smallest_rung_trains_a_step(name):
+    torch.manual_seed(0)
+    model = zoo.build(name)
+    idx = torch.randint(0, model.cfg.vocab_size, (2, 64))
+    out = model(idx, targets=idx.roll(-1, 1))
+    (out.loss + (out.aux_loss if out.aux_loss is not None else 0)).backward()
+    assert math.log(model.cfg.vocab_size) - 1.0 < out.loss.item() < math.log(model.cfg.vocab_size) + 1.0
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
