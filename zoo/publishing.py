@@ -9,7 +9,7 @@ import torch
 from . import hub
 from .api import build, get_config
 from .cards import CHECKPOINT_NOTE, RESULTS_NOTE, UNTRAINED_NOTE, render_card
-from .checkpoint import checkpoint_config, load, save
+from .checkpoint import load, save
 from .files import CONFIG_NAME, WEIGHTS_NAME
 from .hub.protocol import variant_name
 from .sources import ModelSource, resolve_source
@@ -28,9 +28,8 @@ def publish(source: Union[str, Path, ModelSource], to: Union[str, Path], *, inde
     """
     src = source if isinstance(source, ModelSource) else resolve_source(source, pretrained=pretrained)
     if src.checkpoint is not None:
-        cfg, meta = checkpoint_config(src.checkpoint)
-        name = variant_name(name or meta.get("variant") or "")
         model = load(src.checkpoint)
+        cfg, name = model.cfg, variant_name(name or model.variant or "")
         shown = Path(src.text).name
         note = (RESULTS_NOTE.format(source=shown, recipe=results.get("recipe", "see the training log"))
                 if results else CHECKPOINT_NOTE.format(source=shown))

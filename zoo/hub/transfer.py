@@ -31,7 +31,7 @@ import threading
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 from urllib.parse import urlsplit
 
 from blake3 import blake3
@@ -349,6 +349,20 @@ class CacheRepo:
                 _create_cachedir_tag(self.cache)
             self._prepared = True
 
+    def place(self, filename: str, sha256: str, make_blob: Callable[[Path], None]) -> tuple[Path, bool]:
+        """The snapshot entry ``filename`` and its blob ``blobs/<sha256>``, as ``hf_hub_download`` places them,
+        under huggingface_hub's lock for that blob: ``make_blob(path)`` writes the blob, verified, unless
+        another revision has it already. Returns the snapshot path and whether this call made the blob."""
+        self.prepare()
+        blob, pointer = self.blobs / sha256, self.pointer(filename)
+        with FileLock(self.locks / f"{sha256}.lock", mode=0o664):
+            fresh = not blob.exists()
+            if fresh:
+                make_blob(blob)
+            if not pointer.exists():
+                self.link(filename, blob, new_blob=fresh)
+        return pointer, fresh
+
     def link(self, filename: str, blob: Path, new_blob: bool) -> Path:
         """The snapshot entry ``filename``, a relative symlink to ``blob`` made by huggingface_hub."""
         from huggingface_hub.file_download import _create_symlink
@@ -366,16 +380,9 @@ def download_to_cache(url: str, repo: CacheRepo, filename: str, sha256: str, *, 
     (downloaded verified, against ``blake3`` where given, else ``sha256``, unless another revision has it
     already) and the snapshot entry linking to it, under huggingface_hub's lock for that blob. Returns the
     snapshot path and whether this call downloaded (and so verified) the blob."""
-    repo.prepare()
-    blob, pointer = repo.blobs / sha256, repo.pointer(filename)
-    with FileLock(repo.locks / f"{sha256}.lock", mode=0o664):
-        fresh = not blob.exists()
-        if fresh:
-            download_verified(url, blob, blake3 or sha256, algorithm="blake3" if blake3 else "sha256",
-                              headers=headers, progress_desc=filename, cancel=cancel)
-        if not pointer.exists():
-            repo.link(filename, blob, new_blob=fresh)
-    return pointer, fresh
+    return repo.place(filename, sha256, lambda blob: download_verified(
+        url, blob, blake3 or sha256, algorithm="blake3" if blake3 else "sha256", headers=headers,
+        progress_desc=filename, cancel=cancel))
 
 
 def copy_to_cache(source: Path, repo: CacheRepo, filename: str, sha256: str, *,
@@ -383,20 +390,15 @@ def copy_to_cache(source: Path, repo: CacheRepo, filename: str, sha256: str, *,
     """Put a file that is on disk already (the embedded hub's) into the HF cache as ``download_to_cache`` puts a
     download: copied to ``blobs/<sha256>.incomplete``, verified (``blake3`` where given, else ``sha256``),
     renamed, linked; under the same lock. Returns the snapshot path and whether this call made the blob."""
-    repo.prepare()
-    blob, pointer = repo.blobs / sha256, repo.pointer(filename)
-    with FileLock(repo.locks / f"{sha256}.lock", mode=0o664):
-        fresh = not blob.exists()
-        if fresh:
-            part = blob.with_name(blob.name + ".incomplete")
-            shutil.copyfile(source, part)
-            algorithm, want = ("blake3", blake3) if blake3 else ("sha256", sha256)
-            got = file_digest(part, algorithm)
-            if got != want:
-                part.unlink(missing_ok=True)
-                raise ChecksumError(f"checksum mismatch for {source}: expected {algorithm} {want}, found {got}; "
-                                    "nothing was cached", want, got, algorithm)
-            os.replace(part, blob)
-        if not pointer.exists():
-            repo.link(filename, blob, new_blob=fresh)
-    return pointer, fresh
+    def copy_verified(blob: Path) -> None:
+        part = blob.with_name(blob.name + ".incomplete")
+        shutil.copyfile(source, part)
+        algorithm, want = ("blake3", blake3) if blake3 else ("sha256", sha256)
+        got = file_digest(part, algorithm)
+        if got != want:
+            part.unlink(missing_ok=True)
+            raise ChecksumError(f"checksum mismatch for {source}: expected {algorithm} {want}, found {got}; "
+                                "nothing was cached", want, got, algorithm)
+        os.replace(part, blob)
+
+    return repo.place(filename, sha256, copy_verified)

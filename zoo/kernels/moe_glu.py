@@ -27,8 +27,12 @@ from .switch import Kernel, register
 def expert_glu_reference(x_TH: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Union[Tensor, Sequence[int]],
                          w1_EFH: Tensor, v1_EFH: Tensor, w2_EFH: Tensor) -> Tensor:
     """One matmul chain per non-empty expert, through autograd."""
-    y = expert_rows(x_TH[token_N], counts_E, w1_EFH, v1_EFH, w2_EFH)
-    y = y * weight_N.unsqueeze(-1).to(y.dtype)
+    return gate_and_sum(x_TH, token_N, weight_N, expert_rows(x_TH[token_N], counts_E, w1_EFH, v1_EFH, w2_EFH))
+
+
+def gate_and_sum(x_TH: Tensor, token_N: Tensor, weight_N: Tensor, y_NH: Tensor) -> Tensor:
+    """Each token's gate-weighted sum of its experts' output rows ``y_NH``: ``(T, H)``, like ``x_TH``."""
+    y = y_NH * weight_N.unsqueeze(-1).to(y_NH.dtype)
     return torch.zeros_like(x_TH).index_add_(0, token_N, y)
 
 

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..config import MOE_BACKENDS
 from ..errors import ZooError
 from ..kernels.gemm import compute_dtype
-from ..kernels.moe_glu import expert_glu_reference, fused_glu, grouped_glu, grouped_mm_supports
+from ..kernels.moe_glu import expert_glu_reference, fused_glu, gate_and_sum, grouped_glu, grouped_mm_supports
 from ..kernels.switch import fast
 from ..model import Init
 from .dispatch import sort_by_expert
@@ -95,9 +95,7 @@ def megablocks_glu(x_TH: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Te
     sizes = counts_E.cpu()
     x_NH = x_TH[token_N]
     h = F.silu(gmm(x_NH, w1_EFH, sizes, trans_b=True)) * gmm(x_NH, v1_EFH, sizes, trans_b=True)
-    y = gmm(h, w2_EFH, sizes)
-    y = y * weight_N.unsqueeze(-1).to(y.dtype)
-    return torch.zeros_like(x_TH).index_add_(0, token_N, y)
+    return gate_and_sum(x_TH, token_N, weight_N, gmm(h, w2_EFH, sizes))
 
 
 GLU = {"loop": expert_glu_reference, "grouped_mm": grouped_glu, "fused": fused_glu, "megablocks": megablocks_glu}

@@ -20,8 +20,8 @@ from typing import Any, Optional, Union
 import torch
 from tqdm import tqdm
 
-from ..api import build, get_config
-from ..builder import model_stats
+from ..api import get_config
+from ..builder import build_model, model_stats
 from ..checkpoint import load, save
 from ..config import ConfigSource, ModelConfig
 from ..errors import ZooError
@@ -111,7 +111,7 @@ class Trainer:
         if self.device.type == "cpu":
             retain_freed_memory()
         torch.manual_seed(tc.seed)
-        self.model = build(cfg, device=self.device)
+        self.model = build_model(cfg, device=self.device, variant=self.variant)
         self.opt = make_optimizer(self.model, tc)
         self.state = RunState()
         folder = self.out / CHECKPOINT_DIR
