@@ -86,7 +86,9 @@ def build_model(cfg: ModelConfig, *, device: Optional[Union[str, torch.device]] 
     initialize it as the paper does; ``device="meta"`` allocates nothing and initializes nothing."""
     parts = resolve(cfg)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    with device:
+    # Constructing draws PyTorch's default inits; init_weights draws them again (ZooModel.init_steps), so
+    # that a build on meta initialized later (zoo.distributed) draws the same numbers as this one.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         model = ZooModel(cfg, parts, variant)
     if device.type != "meta":
         model.init_weights()

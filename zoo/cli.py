@@ -137,7 +137,8 @@ def _train_config(args: argparse.Namespace, base: Any = None) -> Any:
     """``base`` (default: the defaults) with the training options given on the command line."""
     from .train.trainer import TrainConfig
     tc = base if base is not None else TrainConfig()
-    for key in ("steps", "batch_size", "seq_len", "lr", "seed", "data", "tokenizer", "eval_every", "checkpoint_every", "compile"):
+    for key in ("steps", "batch_size", "seq_len", "lr", "seed", "data", "tokenizer", "eval_every", "checkpoint_every", "compile",
+                "precision", "grad_accum", "dp_shard", "dp_replicate", "ep", "ac", "dist_timeout"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(tc, key, value)
@@ -166,14 +167,14 @@ def _run_to_train(args: argparse.Namespace) -> tuple[Any, Path, Optional[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from .distributed.world import init_distributed
     from .train.trainer import DIVERGED_EXIT, TRAIN_CONFIG_NAME, DivergenceError, TrainConfig, train
-    from .train.world import init_distributed
     model, out, variant = _run_to_train(args)
     base = TrainConfig.of_run(out) if args.resume and (out / TRAIN_CONFIG_NAME).exists() else None
-    joined = init_distributed()
+    tc = _train_config(args, base)
+    joined = init_distributed(tc.dist_timeout)
     try:
-        result = train(model, args.set or None, _train_config(args, base), out_dir=out, resume=args.resume,
-                       variant=variant)
+        result = train(model, args.set or None, tc, out_dir=out, resume=args.resume, variant=variant)
     except DivergenceError as e:
         print(f"zoo: error: {e}", file=sys.stderr)
         return DIVERGED_EXIT
@@ -193,6 +194,7 @@ def _train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", metavar="NAME|RUN", help="a variant name (see `zoo list`), or with --resume the RUN folder "
                    "to continue (or its checkpoint)")
     _add_train_options(p)
+    _add_parallel_options(p)
     p.add_argument("--out", default=None, help="run folder (default: runs/NAME)")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT (or RUN) exactly where it stopped, "
                    "with the settings it was started with; options given here replace them (--steps to go on longer)")
@@ -289,6 +291,39 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of the init and of the data order")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training forward "
                    "(inductor; the first steps take longer while it compiles)")
+
+
+def _add_parallel_options(p: argparse.ArgumentParser) -> None:
+    from .distributed.activation import AC_HELP
+    from .distributed.fsdp import PRECISIONS
+    g = p.add_argument_group("scale-out (start with torchrun; see docs/distributed.md and `zoo plan`)")
+    g.add_argument("--dp-shard", type=int, default=None, metavar="N", help="shard weights, gradients and optimizer "
+                   "state over N ranks with FSDP2 (-1: the ranks --dp-replicate and --ep leave). Without --dp-shard, "
+                   "--dp-replicate and --ep, several processes run DDP")
+    g.add_argument("--dp-replicate", type=int, default=None, metavar="M", help="HSDP: M replicas, each sharded over "
+                   "--dp-shard ranks")
+    g.add_argument("--ep", type=int, default=None, metavar="E", help="expert parallel (MoE): split each layer's experts "
+                   "over E ranks; tokens travel to their experts by all-to-all")
+    g.add_argument("--grad-accum", type=int, default=None, metavar="K", help="micro-batches per step: each rank runs "
+                   "its part of --batch-size in K pieces")
+    g.add_argument("--precision", choices=PRECISIONS, default=None, help="bf16: bf16 compute, fp32 master weights and "
+                   "gradient reductions (default on CUDA); fp32 (default on CPU); fp64 for exactness checks")
+    g.add_argument("--ac", default=None, metavar="MODE", help=f"activation checkpointing per block: {AC_HELP}")
+    g.add_argument("--dist-timeout", type=float, default=None, metavar="SECONDS", help="fail the run when a rank does "
+                   "not answer a collective for this long (default 600)")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .distributed.checkpoint import export
+    target = export(args.run, args.out)
+    print(f"wrote {target}; load it with zoo.load({str(target)!r})")
+    return 0
+
+
+def _export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="the run folder of a zoo train run with --dp-shard/--dp-replicate/--ep")
+    p.add_argument("--out", default=None, metavar="FILE", help="where to write the safetensors checkpoint (default: "
+                   "RUN/checkpoint/model.safetensors, which zoo.load(RUN) reads)")
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -504,6 +539,9 @@ COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], Callable[[argpars
      "Show a variant's resolved config, parameters (total/active) and FLOPs per token."),
     ("train", cmd_train, _train_arguments,
      "Train a variant: AdamW, warmup + cosine, clipping, MoE aux losses; metrics.jsonl and checkpoints."),
+    ("export", cmd_export, _export_arguments,
+     "Join the sharded (torch.distributed.checkpoint) checkpoint of a run into one safetensors checkpoint for "
+            "zoo.load, cards and publish."),
     ("compare", cmd_compare, _compare_arguments,
      "Train variants on the same data, seed and token budget; table, Markdown, JSON and plots."),
     ("card", cmd_card, _card_arguments,

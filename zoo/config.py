@@ -51,6 +51,7 @@ class MoEConfig:
     lb_weight: float = 0.01
     z_weight: float = 0.001
     jitter: float = 0.0
+    lb_scope: str = "local"  # "global": the LB loss's expert shares f_i and router statistics over all ranks
 
 
 @dataclass
@@ -218,6 +219,9 @@ def check_shapes(cfg: ModelConfig) -> None:
                               "moe.shared_experts >= 1 (it sets the shared expert's width)")
         if moe.shared_gate and not moe.shared_experts:
             raise ConfigError("moe.shared_gate=true gates the shared expert; set moe.shared_experts >= 1 too")
+        if moe.lb_scope not in ("local", "global"):
+            raise ConfigError(f"moe.lb_scope must be 'local' (each rank's micro-batch) or 'global' (all ranks); "
+                              f"got {moe.lb_scope!r}")
         if moe.backend not in MOE_BACKENDS:
             raise ConfigError(f"moe.backend must be one of {', '.join(MOE_BACKENDS)}; got {moe.backend!r}")
 

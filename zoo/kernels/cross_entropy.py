@@ -49,7 +49,8 @@ class _CrossEntropy(torch.autograd.Function):
 
 
 def cross_entropy_reference(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+    """In fp32 at least (fp64 logits stay fp64)."""
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, ignore_index=ignore_index)
 
 
 def fused_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
@@ -58,8 +59,9 @@ def fused_cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -10
 
 def cross_entropy(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """``F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)`` for ``(N, V)`` logits and
-    ``(N,)`` targets: the same value, computed in fp32, and gradient, in the logits' dtype."""
-    if fast() and logits.device.type == "cpu" and logits.dim() == 2 and not torch.compiler.is_compiling():
+    ``(N,)`` targets: the same value, computed in fp32 (fp64 for fp64 logits), and gradient, in the logits' dtype."""
+    if (fast() and logits.device.type == "cpu" and logits.dim() == 2 and logits.dtype != torch.float64
+            and not torch.compiler.is_compiling()):
         return fused_cross_entropy(logits, targets, ignore_index)
     return cross_entropy_reference(logits, targets, ignore_index)
 

@@ -6,6 +6,7 @@ config by zoo/builder.py; the model itself knows none of them by name.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -102,20 +103,31 @@ class ZooModel(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Initialize every weight: norms by their own ``reset_parameters``, the rest by role."""
-        for m in self.modules():
-            if not isinstance(m, (nn.Linear, nn.Embedding, ZooModel)) and hasattr(m, "reset_parameters"):
-                m.reset_parameters()
+        """Initialize every weight: linears and embeddings by PyTorch's defaults, then norms by their own
+        ``reset_parameters``, then by role."""
+        for _, run in self.init_steps():
+            run()
+
+    def init_steps(self) -> list[tuple[nn.Module, Callable[[], None]]]:
+        """The initialization in order, as (module, step) pairs: each step writes only its module's weights
+        and buffers. zoo.distributed runs them one module at a time on sharded weights, drawing the random
+        numbers a single process would."""
+        linear = (nn.Linear, nn.Embedding)  # PyTorch's defaults first, as construction drew them
+        steps: list[tuple[nn.Module, Callable[[], None]]] = [
+            (m, m.reset_parameters) for m in self.modules() if isinstance(m, linear)]
+        steps += [(m, m.reset_parameters) for m in self.modules()
+                  if not isinstance(m, (*linear, ZooModel)) and hasattr(m, "reset_parameters")]
         base = Init.from_config(self.cfg)
-        base(self.embed.weight, "embed")
+        steps.append((self.embed, lambda: base(self.embed.weight, "embed")))  # the weight as it is when run
         if self.head is not None:
-            base(self.head.weight, "head")
+            steps.append((self.head, lambda: base(self.head.weight, "head")))
         for block in self.blocks:
             init = block.strategy.init_scheme(base)
             for part in (block.attn, block.ffn):
                 if not hasattr(part, "init_weights"):
                     raise ConfigError(f"{type(part).__name__} has no init_weights(init); see docs/plugins.md")
-                part.init_weights(init)
+                steps.append((part, functools.partial(part.init_weights, init)))
+        return steps
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, cache: Optional[KVCache] = None,
                 positions: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> ModelOutput:

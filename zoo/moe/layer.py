@@ -6,7 +6,7 @@ Its aux losses come back with its output (``MoEAux``) and the model sums them in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ class MoEFFN(nn.Module):
         moe = cfg.moe
         self.layer_idx, self.top_k = layer, moe.top_k
         self.lb_weight, self.z_weight = moe.lb_weight, moe.z_weight
+        self.lb_scope = moe.lb_scope
+        # For lb_scope "global" a parallel layout sets this to a sum over its ranks (zoo.distributed).
+        self.sum_over_ranks: Optional[Callable[[Tensor], Tensor]] = None
         self.router = router
         self.experts = Experts(moe.num_experts, cfg.d_model, moe.hidden_size, moe.backend)
         shared_width = moe.shared_hidden_size if moe.shared_hidden_size is not None else moe.shared_experts * moe.hidden_size
@@ -69,15 +72,29 @@ class MoEFFN(nn.Module):
             if self.shared_gate is not None:
                 shared = torch.sigmoid(self.shared_gate(tokens)) * shared
             y = y + shared
-        lb = load_balancing_loss(routing.probs, routing.selected, routing.top_k) if self.router.balancing_loss \
+        selected, load, counted = self._counts(routing, tokens.shape[0])
+        lb = load_balancing_loss(routing.probs, selected, routing.top_k, counted) if self.router.balancing_loss \
             else routing.logits.new_zeros(())
         z = z_loss(routing.logits)
         loss = self.lb_weight * lb + self.z_weight * z
-        return y.view(shape), MoEAux(loss, self._stats(routing, lb, z) if not x.is_meta else {})
+        return y.view(shape), MoEAux(loss, self._stats(routing, load, lb, z) if not x.is_meta else {})
 
     @torch.no_grad()
-    def _stats(self, routing: Any, lb: Tensor, z: Tensor) -> dict[str, Any]:
-        load = torch.bincount(routing.expert, minlength=self.experts.mlp.num_experts).float()
+    def _counts(self, routing: Any, tokens: int) -> tuple[Tensor, Optional[Tensor], int]:
+        """Assignments chosen per expert, assignments kept per expert and the tokens behind them: this
+        micro-batch's, or with ``lb_scope: global`` those of all ranks (one collective)."""
+        if routing.expert.is_meta:
+            return routing.selected, None, tokens
+        E = self.experts.mlp.num_experts
+        load = torch.bincount(routing.expert, minlength=E)
+        if self.lb_scope != "global" or self.sum_over_ranks is None:
+            return routing.selected, load, tokens
+        summed = self.sum_over_ranks(torch.cat([routing.selected, load, load.new_tensor([tokens])]))
+        return summed[:E], summed[E:2 * E], int(summed[-1])
+
+    @torch.no_grad()
+    def _stats(self, routing: Any, load: Tensor, lb: Tensor, z: Tensor) -> dict[str, Any]:
+        load = load.float()
         mean = load.mean().clamp_min(1e-9)
         return {"layer": self.layer_idx, "tokens_per_expert": load.long(), "load_cv": load.std(unbiased=False) / mean,
                 "max_over_mean": load.max() / mean, "dropped": routing.dropped,

@@ -23,7 +23,7 @@ class Routing:
     """Assignments of tokens to experts, and what the aux losses and statistics need.
 
     token, expert, weight: (N,) each; an assignment sends token ``token[n]`` to expert
-    ``expert[n]`` with gate weight ``weight[n]``. logits: (T, E) router logits (fp32).
+    ``expert[n]`` with gate weight ``weight[n]``. logits: (T, E) router logits (fp32, or fp64 in an fp64 model).
     probs: (T, E) routing probabilities P used by the load-balancing loss. selected: (E,)
     assignments each expert was chosen for before any capacity dropping (f_i of the LB loss).
     dropped: assignments removed by a capacity limit.
@@ -67,7 +67,8 @@ class Router(nn.Module):
         """``x``: (T, H). Multiplicative input jitter U(1-eps, 1+eps) applies in training only."""
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = self.layer(x).float()
+        logits = self.layer(x)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
         return self.route(logits) if not logits.is_meta else self._balanced(logits)
 
     def assignments(self, tokens: int) -> int:

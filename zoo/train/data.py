@@ -40,7 +40,7 @@ import sys
 import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -356,14 +356,18 @@ class Corpus:
             return None
         return self.tokenizer.save(path)  # type: ignore[attr-defined]
 
-    def batch(self, split: str, seed: int, step: int, batch_size: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Random windows (input, next-token target), determined by (seed, step) alone."""
+    def batch(self, split: str, seed: int, step: int, batch_size: int, seq_len: int,
+              rows: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Random windows (input, next-token target), determined by (seed, step) alone; ``rows``: only
+        those rows of the batch (a rank's part), read from the data and nothing else."""
         data = self.tokens(split)
         if len(data) <= seq_len + 1:
             raise DataError(f"the {split} split of {self.spec!r} has {len(data)} tokens, fewer than a sequence of {seq_len + 1}; "
                             "use more data or a shorter --seq-len")
         gen = torch.Generator().manual_seed(seed * 1_000_003 + step + (0 if split == "train" else 7_919))
         starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=gen).tolist()
+        if rows is not None:
+            starts = [starts[r] for r in rows]
         rows = np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int64)
         tokens = torch.from_numpy(rows)
         return tokens[:, :-1], tokens[:, 1:]

@@ -9,9 +9,10 @@ from typing import Any, Optional
 
 import torch
 
+from ..distributed.grads import grad_norm
+from ..distributed.world import max_over_ranks
 from ..kernels.gemm import cpu_matmul_libraries, matmul_t
 from ..model import ZooModel
-from .world import max_over_ranks
 
 
 class BlockProbe:
@@ -58,8 +59,8 @@ def max_attn_logits(values: list[Optional[torch.Tensor]]) -> list[Optional[float
 
 
 def ffn_grad_norms(model: ZooModel) -> list[float]:
-    """The gradient norm of each block's FFN (the HybridNorm paper's per-layer figure)."""
-    return [math.sqrt(sum(float(p.grad.float().square().sum()) for p in b.ffn.parameters() if p.grad is not None))
+    """The gradient norm of each block's FFN (the HybridNorm paper's per-layer figure), whole where sharded."""
+    return [math.sqrt(sum(float(grad_norm(p.grad)) ** 2 for p in b.ffn.parameters() if p.grad is not None))
             for b in model.blocks]
 
 
@@ -69,7 +70,7 @@ def blowup_layer(model: ZooModel) -> str:
     for name, p in model.named_parameters():
         if p.grad is None:
             continue
-        norm = float(p.grad.float().norm())
+        norm = float(grad_norm(p.grad))
         if not math.isfinite(norm):
             return name
         if norm > worst:

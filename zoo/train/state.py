@@ -24,6 +24,12 @@ class RunState:
     wall: float = 0.0
     loss_ema: Optional[float] = None
 
+    @classmethod
+    def of(cls, saved: dict[str, Any]) -> "RunState":
+        """From its saved form; keys written by other versions are dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
+
 
 def save_trainer_state(path: Path, opt: torch.optim.Optimizer, state: RunState) -> None:
     """Optimizer moments and the torch RNG state as tensors; the run's counters and the optimizer's
@@ -55,5 +61,4 @@ def load_trainer_state(path: Path, opt: torch.optim.Optimizer) -> RunState:
     sd["state"] = state
     opt.load_state_dict(sd)
     torch.set_rng_state(tensors["rng.torch"])
-    known = {f.name for f in dataclasses.fields(RunState)}  # states written by older versions carry more keys
-    return RunState(**{k: v for k, v in json.loads(meta["run"]).items() if k in known})
+    return RunState.of(json.loads(meta["run"]))

@@ -3,14 +3,14 @@
 Data order is a function of (seed, step) (zoo/train/data.py), and the optimizer and RNG states are
 checkpointed, so ``resume=True`` continues the loss curve as if the run had never stopped. Under
 ``torchrun`` each rank takes its slice of the same global batch and gradients are averaged across
-ranks, so N processes follow the one-process curve. ``Trainer.wrap`` is the seam where a parallel
-layout wraps the plain model.
+ranks, so N processes follow the one-process curve. The parallel layout (DDP, FSDP2, HSDP, expert
+parallel; zoo/distributed/) wraps the plain model from outside; ``--grad-accum`` splits each rank's part
+of the batch into micro-batches.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import time
 from dataclasses import asdict, dataclass, fields
@@ -21,9 +21,14 @@ import torch
 from tqdm import tqdm
 
 from ..api import get_config
-from ..builder import build_model, model_stats
+from ..builder import model_stats
 from ..checkpoint import load, save
 from ..config import ConfigSource, ModelConfig
+from ..distributed import checkpoint as dcp_checkpoint
+from ..distributed.grads import clip_grad_norm
+from ..distributed.layout import Layout, device_for_rank
+from ..distributed.parallelize import parallelize
+from ..distributed.world import mean_over_ranks, rank_and_world, sum_over_ranks
 from ..errors import ZooError
 from ..files import CHECKPOINT_DIR, CONFIG_NAME, TRAINER_STATE_NAME, WEIGHTS_NAME, write_json, write_text
 from ..moe import after_optimizer_step
@@ -32,7 +37,6 @@ from .malloc import retain_freed_memory
 from .metrics import BlockProbe, blowup_layer, ffn_grad_norms, matmul_peak
 from .optim import lr_at, make_optimizer
 from .state import RunState, load_trainer_state, save_trainer_state
-from .world import mean_over_ranks, rank_and_world
 
 DIVERGED_EXIT = 3  # `zoo train` exit status when a run diverged
 TRAIN_CONFIG_NAME = "train.json"
@@ -58,7 +62,13 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 100
     seed: int = 0
-    autocast_bf16: Optional[bool] = None  # None: on CUDA only (bf16 matmuls are slow on CPUs without bf16 units)
+    precision: Optional[str] = None       # fp32 | bf16 | fp64; None: bf16 on CUDA, fp32 on CPU (slow bf16 matmuls)
+    grad_accum: int = 1                   # micro-batches per step on each rank
+    dp_shard: int = 0                     # FSDP2 ranks (0 with dp_replicate = ep = 1: DDP); see zoo/distributed/layout.py
+    dp_replicate: int = 1                 # HSDP: replicas of the sharded model
+    ep: int = 1                           # expert parallel: ranks that split each MoE layer's experts
+    ac: str = "none"                      # activation checkpointing: none | full | every:N
+    dist_timeout: float = 600.0           # seconds a collective may wait for a rank before the run fails
     divergence_factor: float = 3.0        # loss above factor x its running mean (after warmup) is divergence
     data: str = "stdlib"
     tokenizer: str = "byte"               # or "bpe:VOCAB" (zoo/train/data.py): a BPE trained on the train split, cached
@@ -73,7 +83,12 @@ class TrainConfig:
         except (OSError, ValueError) as e:
             raise ZooError(f"{path}: cannot read the run's settings ({e}); is {out_dir} a run folder of zoo train?") from None
         known = {f.name for f in fields(cls)}
+        if saved.get("autocast_bf16") is not None and saved.get("precision") is None:  # runs of zoo 0.2
+            saved["precision"] = "bf16" if saved["autocast_bf16"] else "fp32"
         return cls(**{k: v for k, v in saved.items() if k in known})
+
+    def layout(self, world: int) -> Layout:
+        return Layout.of(world, self.dp_shard, self.dp_replicate, self.ep)
 
 
 @dataclass
@@ -97,8 +112,10 @@ class Trainer:
         self.out = Path(out_dir)
         self.rank, self.world = rank_and_world()
         self.variant = variant if variant is not None else model_source if isinstance(model_source, str) else None
-        if tc.batch_size % self.world:
-            raise ZooError(f"the global batch ({tc.batch_size}) must be divisible by the number of processes ({self.world})")
+        if tc.grad_accum < 1 or tc.batch_size % (self.world * tc.grad_accum):
+            raise ZooError(f"the global batch ({tc.batch_size}) must be divisible by the number of processes ({self.world}) "
+                           f"x --grad-accum ({tc.grad_accum})")
+        self.layout = tc.layout(self.world)
         self.cfg = cfg = get_config(model_source, overrides)
         if tc.seq_len > cfg.max_seq_len:
             raise ZooError(f"seq_len {tc.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}")
@@ -106,16 +123,19 @@ class Trainer:
         if self.corpus.vocab_size > cfg.vocab_size:
             raise ZooError(f"the tokenizer ({self.corpus.tokenizer_spec}) has {self.corpus.vocab_size} tokens but the "
                            f"model's vocab_size is {cfg.vocab_size}; add --set vocab_size={self.corpus.vocab_size} (or more)")
-        self.device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
-                       else torch.device("cpu"))
+        self.device = device_for_rank()
         if self.device.type == "cpu":
             retain_freed_memory()
+        self.precision = tc.precision or ("bf16" if self.device.type == "cuda" else "fp32")
         torch.manual_seed(tc.seed)
-        self.model = build_model(cfg, device=self.device, variant=self.variant)
+        self.parallel = parallelize(cfg, self.layout, device=self.device, precision=self.precision, ac=tc.ac,
+                                    variant=self.variant)
+        self.model = self.parallel.model
         self.opt = make_optimizer(self.model, tc)
         self.state = RunState()
         folder = self.out / CHECKPOINT_DIR
         self.weights, self.trainer_state = folder / WEIGHTS_NAME, folder / TRAINER_STATE_NAME
+        self.sharded = folder / dcp_checkpoint.SHARDED_DIR
         self.metrics_path = self.out / "metrics.jsonl"
         if resume:
             self._resume()
@@ -127,27 +147,37 @@ class Trainer:
         if self.rank == 0:  # tokenizer_for(checkpoint) finds it beside the weights
             for where in (self.out, folder):
                 self.corpus.save_tokenizer(where)
-        self.forward = self.wrap(self.model)
-        self.autocast = tc.autocast_bf16 if tc.autocast_bf16 is not None else self.device.type == "cuda"
+        self.forward = self.wrap(self.parallel.forward)
+        self.autocast = self.precision == "bf16" and not self.layout.fsdp  # FSDP2 casts by its own policy
         self.train_flops = model_stats(cfg, tc.seq_len).train_flops_per_token
         self.peak = matmul_peak() if self.device.type == "cpu" else None
         self.last_loss, self.val_loss = float("nan"), None
 
     def _resume(self) -> None:
-        if not self.trainer_state.exists():
+        if self.layout.fsdp:
+            self.state = RunState.of(dcp_checkpoint.load(self.sharded, self.model, self.opt, self.rank))
+        elif not self.trainer_state.exists():
             raise ZooError(f"--resume: no checkpoint in {self.trainer_state.parent}; start without --resume")
-        self.model.load_state_dict(load(self.weights, device=self.device).state_dict())
-        self.state = load_trainer_state(self.trainer_state, self.opt)
+        else:
+            self.model.load_state_dict(load(self.weights, device=self.device).state_dict())
+            self.state = load_trainer_state(self.trainer_state, self.opt)
         if self.rank == 0 and self.metrics_path.exists():  # drop lines logged after the checkpoint
             lines = [ln for ln in self.metrics_path.read_text().splitlines()
                      if json.loads(ln).get("step", -1) < self.state.step]
             self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
 
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The seam where a parallel layout wraps the plain model, which never knows: across processes,
-        DDP averages the gradients; ``tc.compile`` compiles the result."""
-        wrapped = torch.nn.parallel.DistributedDataParallel(model) if self.world > 1 else model
-        return torch.compile(wrapped) if self.tc.compile else wrapped
+    def wrap(self, forward: torch.nn.Module) -> torch.nn.Module:
+        """The last wrapper around the parallel model (``zoo.distributed.parallelize``): ``tc.compile``
+        compiles it."""
+        return torch.compile(forward) if self.tc.compile else forward
+
+    def _gradient_sync(self, sync: bool) -> Any:
+        """Skip the gradient reduction of all but a step's last micro-batch."""
+        import contextlib
+        if not self.layout.fsdp:
+            return contextlib.nullcontext() if sync or self.world == 1 else self.parallel.forward.no_sync()
+        self.model.set_requires_gradient_sync(sync)  # type: ignore[operator]
+        return contextlib.nullcontext()
 
     def step(self, probe: BlockProbe) -> dict[str, Any]:
         """One optimizer step on the next batch; returns its metrics record (raises ``DivergenceError``)."""
@@ -156,18 +186,26 @@ class Trainer:
         lr = lr_at(step, tc)
         for group in self.opt.param_groups:
             group["lr"] = lr
-        x, y = self.corpus.batch("train", tc.seed, step, tc.batch_size, tc.seq_len)
-        x, y = x[self.rank::self.world].to(self.device), y[self.rank::self.world].to(self.device)
+        x, y = self.corpus.batch("train", tc.seed, step, tc.batch_size, tc.seq_len,
+                                 rows=range(self.rank, tc.batch_size, self.world))
+        x, y = x.to(self.device), y.to(self.device)
         t0 = time.perf_counter()
         probe.start()
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-            output = self.forward(x, y)
-        step_logits = probe.logits()
-        loss = output.loss + (output.aux_loss if output.aux_loss is not None else 0.0)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip))
-        lm_loss = float(mean_over_ranks(output.loss.detach()))
+        lm_sum, aux_sum, accum = 0.0, None, tc.grad_accum
+        for k, (xs, ys) in enumerate(zip(x.chunk(accum), y.chunk(accum))):
+            with self._gradient_sync(k == accum - 1):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                    output = self.forward(xs, ys)
+                if k == 0:
+                    step_logits = probe.logits()
+                loss = output.loss + (output.aux_loss if output.aux_loss is not None else 0.0)
+                (loss / accum if accum > 1 else loss).backward()
+            lm_sum = lm_sum + output.loss.detach()
+            if output.aux_loss is not None:
+                aux_sum = output.aux_loss.detach() + (aux_sum if aux_sum is not None else 0.0)
+        grad_norm = float(clip_grad_norm(model.parameters(), tc.grad_clip))
+        lm_loss = float(mean_over_ranks(lm_sum / accum))
         if not math.isfinite(lm_loss) or not math.isfinite(grad_norm) or (
                 step >= tc.warmup_steps and state.loss_ema is not None and lm_loss > tc.divergence_factor * state.loss_ema):
             self._diverged(step, lm_loss, grad_norm)
@@ -183,11 +221,9 @@ class Trainer:
         record: dict[str, Any] = {"step": step, "loss": lm_loss, "lr": lr, "grad_norm": grad_norm, "tokens": state.tokens,
                                   "wall": state.wall, "tokens_per_s": tps, "ffn_grad_norms": ffn_grad_norms(model),
                                   **probe.read(step_logits)}
-        if output.aux_loss is not None:
-            record["aux_loss"] = float(output.aux_loss.detach())
-            record["router"] = [{"load_cv": float(s["load_cv"]), "max_over_mean": float(s["max_over_mean"]),
-                                 "dropped": int(s["dropped"]), "router_logsumexp": float(s["router_logsumexp"])}
-                                for s in output.router_stats]
+        if aux_sum is not None:
+            record["aux_loss"] = float(mean_over_ranks(aux_sum / accum))
+            record["router"] = router_record(output.router_stats)
         if self.peak:
             record["mfu"] = self.train_flops * tps * self.world / self.peak
         return record
@@ -209,15 +245,21 @@ class Trainer:
         losses = []
         with torch.no_grad():
             for i in range(tc.eval_batches):
-                x, y = self.corpus.batch("val", tc.seed, i, tc.batch_size, tc.seq_len)
-                losses.append(float(model(x.to(self.device), y.to(self.device)).loss))
+                x, y = self.corpus.batch("val", tc.seed, i, tc.batch_size, tc.seq_len,
+                                         rows=range(self.rank, tc.batch_size, self.world))
+                losses.append(float(mean_over_ranks(model(x.to(self.device), y.to(self.device)).loss)))
         model.train()
         return sum(losses) / len(losses)
 
     def checkpoint(self) -> None:
-        """The weights (``zoo.load`` reads them alone) and, beside them, what resuming needs."""
-        save(self.model, self.weights, variant=self.variant)
-        save_trainer_state(self.trainer_state, self.opt, self.state)
+        """The weights (``zoo.load`` reads them alone) and, beside them, what resuming needs; under FSDP2
+        every rank saves its shards with torch.distributed.checkpoint (``zoo export`` joins them)."""
+        if self.layout.fsdp:
+            dcp_checkpoint.save(self.sharded, self.model, self.opt, {**asdict(self.state), "variant": self.variant},
+                                self.rank)
+        elif self.rank == 0:
+            save(self.model, self.weights, variant=self.variant)
+            save_trainer_state(self.trainer_state, self.opt, self.state)
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
@@ -238,8 +280,8 @@ class Trainer:
                     self.val_loss = record["val_loss"] = self.evaluate()
                 if self.rank == 0:
                     self.log(record)
-                    if state.step % tc.checkpoint_every == 0 or state.step == tc.steps:
-                        self.checkpoint()
+                if state.step % tc.checkpoint_every == 0 or state.step == tc.steps:
+                    self.checkpoint()
                 if bar:
                     bar.update(1)
                     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}",
@@ -259,6 +301,17 @@ class Trainer:
                 "final_val_loss": self.val_loss, "tokens_per_s": result.tokens_per_s,
                 "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
         return result
+
+
+def router_record(stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per MoE layer: load statistics (over all ranks with ``lb_scope: global``), assignments dropped and the
+    router logits' mean logsumexp over all ranks."""
+    if not stats:
+        return []
+    dropped = sum_over_ranks(torch.tensor([float(s["dropped"]) for s in stats])).tolist()
+    lse = mean_over_ranks(torch.stack([s["router_logsumexp"].detach().double() for s in stats])).tolist()
+    return [{"load_cv": float(s["load_cv"]), "max_over_mean": float(s["max_over_mean"]), "dropped": int(d),
+             "router_logsumexp": l} for s, d, l in zip(stats, dropped, lse)]
 
 
 def train(model_source: Union[str, ModelConfig], overrides: ConfigSource = None, tc: Optional[TrainConfig] = None, *,

@@ -2,17 +2,23 @@
 maxima of values over its ranks."""
 from __future__ import annotations
 
+import datetime
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 
-def init_distributed() -> bool:
-    """Join the process group that torchrun describes; False if there is none to join."""
+def init_distributed(timeout: Optional[float] = None) -> bool:
+    """Join the process group that torchrun describes; False if there is none to join.
+
+    ``timeout`` (seconds) bounds every collective: a rank that stops answering (hung, stopped, dead)
+    makes the others fail after that long instead of waiting forever."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return False
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout)} if timeout else {}
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", **kwargs)
     return True
 
 
@@ -34,4 +40,12 @@ def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
 def max_over_ranks(value: torch.Tensor) -> torch.Tensor:
     if rank_and_world()[1] > 1:
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
+def sum_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """``value`` summed over every rank (a copy; ``value`` itself where there is one process)."""
+    if rank_and_world()[1] > 1:
+        value = value.detach().clone()
+        dist.all_reduce(value)
     return value

@@ -1,0 +1,168 @@
+"""Scale-out in real torchrun processes over gloo: FSDP2, HSDP and expert parallel against one process,
+micro-batches, activation checkpointing, DCP checkpoints and their export, and the layouts' errors."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_train import data, env, losses, zoo_cmd  # noqa: F401  (data is a fixture)
+
+from zoo.distributed.activation import ac_interval
+from zoo.distributed.layout import Layout
+from zoo.errors import ZooError
+
+FP64 = ["--precision", "fp64", "--set", "moe.backend=loop", "--set", "moe.lb_scope=global"]
+STEPS = ["--steps", "3", "--batch-size", "8", "--seq-len", "32", "--eval-every", "3", "--warmup", "1", "--seed", "5"]
+
+
+def torchrun(nproc, *args, check=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m", "zoo", *args]
+    r = subprocess.run(cmd, env=exact_env(), capture_output=True, text=True)
+    if check:
+        assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def exact_env():
+    """The plain-PyTorch path (ZOO_KERNELS=reference) keeps every op in float64."""
+    return {**env(), "ZOO_KERNELS": "reference"}
+
+
+def one_process(*args):
+    subprocess.run(zoo_cmd(*args), env=exact_env(), check=True, capture_output=True)
+
+
+def records(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_run(one, many, tol):
+    """Every logged figure of the two runs (loss, aux loss, router statistics, gradient norms, validation
+    loss) and every weight of their final checkpoints agree to ``tol``."""
+    a, b = records(one), records(many)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(len(a)))
+    for ra, rb in zip(a, b):
+        for key in ("loss", "grad_norm", "aux_loss", "val_loss"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=tol, abs=tol), (key, ra["step"])
+        assert rb["ffn_grad_norms"] == pytest.approx(ra["ffn_grad_norms"], rel=tol)
+        for la, lb in zip(ra.get("router", []), rb.get("router", [])):
+            assert lb == pytest.approx(la, rel=tol, abs=tol), ra["step"]
+    wa = load_file(str(one / "checkpoint" / "model.safetensors"))
+    wb = load_file(str(many / "checkpoint" / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].dtype == wb[k].dtype == torch.float64
+        torch.testing.assert_close(wb[k], wa[k], rtol=tol, atol=tol, msg=k)
+
+
+@pytest.mark.parametrize("name, nproc, layout", [
+    ("tiny-dense-hybridnorm", 2, ["--dp-shard", "2"]),
+    ("tiny-moe-hybridnorm", 2, ["--ep", "2"]),
+])
+def test_sharded_runs_equal_one_process_in_float64(tmp_path, data, name, nproc, layout):  # noqa: F811
+    """3 AdamW steps at the same global batch; the sharded run's checkpoint is joined by `zoo export`."""
+    args = ["train", name, "--data", data, *STEPS, *FP64]
+    one_process(*args, "--out", str(tmp_path / "one"))
+    torchrun(nproc, *args, *layout, "--out", str(tmp_path / "many"))
+    r = subprocess.run(zoo_cmd("export", str(tmp_path / "many")), env=exact_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert_same_run(tmp_path / "one", tmp_path / "many", 1e-9)
+
+
+def test_a_rank_whose_experts_get_no_tokens():
+    """ParallelExperts' output and weight gradients equal one process's experts when every token goes to
+    rank 0's experts (tests/workers/expert_parallel.py exits nonzero otherwise)."""
+    worker = Path(__file__).parent / "workers" / "expert_parallel.py"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(worker)], env=exact_env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    assert r.stdout.count("max errors") == 2
+
+
+def test_micro_batches_and_activation_checkpointing_leave_the_run_unchanged(tmp_path, data):  # noqa: F811
+    """--grad-accum 2 equals one micro-batch in float64; --ac full gives bit-identical losses."""
+    args = ["train", "tiny-dense-hybridnorm", "--data", data, *STEPS, *FP64]
+    one_process(*args, "--out", str(tmp_path / "one"))
+    one_process(*args, "--grad-accum", "2", "--out", str(tmp_path / "accum"))
+    assert_same_run(tmp_path / "one", tmp_path / "accum", 1e-9)
+    base = ["train", "tiny-moe-hybridnorm", "--data", data, *STEPS]
+    one_process(*base, "--out", str(tmp_path / "none"))
+    one_process(*base, "--ac", "full", "--out", str(tmp_path / "full"))
+    assert losses(tmp_path / "none") == losses(tmp_path / "full")
+
+
+def test_layouts_refuse_what_cannot_run():
+    assert Layout.of(4) == Layout(world=4, dp_replicate=4, fsdp=False)
+    assert Layout.of(4, ep=2) == Layout(world=4, dp_replicate=1, dp_shard=2, ep=2, fsdp=True)
+    assert Layout.of(4, dp_shard=2, dp_replicate=2) == Layout(world=4, dp_replicate=2, dp_shard=2, ep=1, fsdp=True)
+    with pytest.raises(ZooError, match=r"--dp-replicate 1 x --dp-shard 3 x --ep 1 = 3 ranks, but torchrun started 4"):
+        Layout.of(4, dp_shard=3)
+    with pytest.raises(ZooError, match="4 ranks cannot be split into --dp-replicate 1 x --ep 3 groups"):
+        Layout.of(4, ep=3)
+    with pytest.raises(ZooError, match="expert parallelism needs an MoE variant"):
+        Layout.of(2, ep=2).check_model(None)
+    with pytest.raises(ZooError, match=r"--ep 3 must divide the number of experts \(8\)"):
+        Layout.of(3, ep=3).check_model(8)
+    assert [ac_interval(s) for s in ("none", "full", "every:3")] == [0, 1, 3]
+    with pytest.raises(ZooError, match="--ac 'every:0': expected none, full"):
+        ac_interval("every:0")
+
+
+def test_export_says_what_it_needs(tmp_path):
+    r = subprocess.run(zoo_cmd("export", str(tmp_path)), env=env(), capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert f"zoo: error: {tmp_path}: no config.yaml; give the run folder of a zoo train run" in r.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, layout", [
+    ("tiny-dense-hybridnorm", ["--dp-shard", "4"]),
+    ("tiny-moe-hybridnorm", ["--ep", "2", "--dp-shard", "2"]),
+])
+def test_four_rank_layouts_equal_one_process_in_float64(tmp_path, data, name, layout):  # noqa: F811
+    args = ["train", name, "--data", data, *STEPS, *FP64]
+    one_process(*args, "--out", str(tmp_path / "one"))
+    torchrun(4, *args, *layout, "--out", str(tmp_path / "many"))
+    subprocess.run(zoo_cmd("export", str(tmp_path / "many")), env=exact_env(), check=True, capture_output=True)
+    assert_same_run(tmp_path / "one", tmp_path / "many", 1e-9)
+
+
+@pytest.mark.slow
+def test_hsdp_equals_fsdp_and_a_resume_continues_bit_identically(tmp_path, data):  # noqa: F811
+    """HSDP 2x2 gives FSDP-over-4's curve; a run stopped after its step-3 checkpoint and resumed at 4 ranks
+    continues it bit for bit, and resumed at 2 ranks (DCP reshards) follows it."""
+    args = ["train", "tiny-moe-hybridnorm", "--data", data, "--steps", "6", "--batch-size", "8", "--seq-len", "32",
+            "--eval-every", "100", "--checkpoint-every", "3", "--warmup", "1", "--seed", "5", "--set", "moe.lb_scope=global"]
+    torchrun(4, *args, "--dp-shard", "4", "--out", str(tmp_path / "fsdp"))
+    torchrun(4, *args, "--dp-shard", "2", "--dp-replicate", "2", "--out", str(tmp_path / "hsdp"))
+    full, hsdp = losses(tmp_path / "fsdp"), losses(tmp_path / "hsdp")
+    assert all(hsdp[s] == pytest.approx(full[s], abs=1e-5) for s in range(6)), (full, hsdp)
+    base = ["tiny-moe-hybridnorm", *args[4:], "--dp-shard", "4"]
+    for world, name in ((4, "cut"), (2, "resharded")):
+        run = tmp_path / name
+        worker = Path(__file__).parent / "workers" / "train_part.py"
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "4",
+                            str(worker), str(run), data, "3", *base], env=exact_env(), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert (run / "checkpoint" / "sharded" / "latest").read_text() == "step-00000003"
+        torchrun(world, *args, "--dp-shard", str(world), "--resume", "--out", str(run))
+        if world == 4:
+            assert losses(run) == full  # bit for bit
+        else:
+            again = losses(run)
+            assert all(again[s] == pytest.approx(full[s], abs=1e-5) for s in range(6)), (full, again)
+
+
+@pytest.mark.slow
+def test_bf16_mixed_precision_trains_like_fp32(tmp_path, data):  # noqa: F811
+    args = ["train", "tiny-dense-hybridnorm", "--data", data, "--steps", "20", "--batch-size", "8", "--seq-len", "64",
+            "--eval-every", "100", "--warmup", "2", "--dp-shard", "2"]
+    torchrun(2, *args, "--precision", "fp32", "--out", str(tmp_path / "fp32"))
+    torchrun(2, *args, "--precision", "bf16", "--out", str(tmp_path / "bf16"))
+    a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert a[19] < a[0] - 1.0
+    assert b[19] == pytest.approx(a[19], rel=0.02), (a[19], b[19])
