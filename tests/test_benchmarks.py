@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -92,3 +94,57 @@ def test_run_all_reads_goals_from_measurements():
         "llama bf16 training step vs HF >= 1.0x": True, "~30M dense fp32 training-step MFU >= 65% (seq 512, eager, retain allocator)": True,
         "zoo.load / reading the file's bytes <= 1.5": True, "zoo.load / torch.load < 1": False,
         "pull from zoo serve / file copy <= 2": True}
+
+
+def _gpu_script():
+    import importlib.util
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))  # its `from common import ...`
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "benchmarks" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_script_runs_its_cpu_mode(tmp_path):
+    """benchmarks/gpu.py --cpu: the parity check (megablocks through a reference gmm) and training steps."""
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--cpu", "--out", str(tmp_path),
+                        "--steps", "1"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu.json").read_text())
+    parity = data["parity"]
+    assert set(parity["backends"]) == {"loop", "grouped_mm", "fused", "megablocks"} and parity["failed"] == []
+    assert parity["empty_experts"] == 2
+    assert {"out", "grad_x", "grad_w1", "grad_v1", "grad_w2"} == set(parity["backends"]["megablocks"])
+    assert [row["variant"] for row in data["train"]] == ["tiny-dense-hybridnorm", "tiny-moe-hybridnorm",
+                                                         "tiny-moe-hybridnorm"]
+    assert all(row["tokens_per_s"] > 0 and row["mfu"] > 0 for row in data["train"])
+
+
+def test_gpu_parity_check_fails_a_wrong_backend():
+    import torch
+
+    from zoo.kernels.moe_glu import expert_glu_reference
+    gpu = _gpu_script()
+
+    def off_by_a_little(*args):
+        return expert_glu_reference(*args) * 1.001
+
+    result = gpu.parity(torch.device("cpu"), torch.float32, torch.float64,
+                        {"loop": expert_glu_reference, "wrong": off_by_a_little})
+    assert result["failed"] == ["wrong"]
+    assert result["backends"]["wrong"]["out"] > 1e-4
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_runs_1_2_and_4_ranks(tmp_path):
+    out = tmp_path / "distributed.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "distributed.py"), "--steps", "1", "--seq", "32",
+                        "--out", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(row["variant"], row["ranks"]) for row in rows] == [
+        (v, n) for v in ("tiny-dense-hybridnorm", "tiny-moe-hybridnorm") for n in (1, 2, 4)]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and row["state_vs_1_rank"] <= 1.1 / row["ranks"]
+        assert (row["a2a_share"] > 0) == (row["variant"] == "tiny-moe-hybridnorm" and row["ranks"] > 1)

@@ -166,3 +166,146 @@ def test_bf16_mixed_precision_trains_like_fp32(tmp_path, data):  # noqa: F811
     a, b = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
     assert a[19] < a[0] - 1.0
     assert b[19] == pytest.approx(a[19], rel=0.02), (a[19], b[19])
+
+
+def memory(tmp_path, nproc, name, *options):
+    """Per-rank bytes of parameters, gradients and AdamW state after one step (tests/workers/memory.py)."""
+    out = tmp_path / f"mem-{nproc}-{'-'.join(options) or 'one'}" / "bytes"
+    out.parent.mkdir()
+    worker = [str(Path(__file__).parent / "workers" / "memory.py"), str(out), name, "--steps", "1", "--batch-size", "4",
+              "--seq-len", "32", "--eval-every", "100", *options]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *worker]
+           if nproc > 1 else [sys.executable, *worker])
+    r = subprocess.run(cmd, env=env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(nproc)]
+
+
+def test_sharded_memory_per_rank_and_the_plan_agree(tmp_path):
+    """Under FSDP2 at N ranks each rank holds at most 1.1/N of one process's weights, gradients and AdamW
+    state, and building and initializing it never holds the whole model (it gathers one module at a time);
+    under --ep 2 a rank holds at most 1.1/2 of the experts; `zoo plan`'s figures are within 10% of these."""
+    from zoo.api import get_config
+    from zoo.distributed.plan import plan
+    one = memory(tmp_path, 1, "tiny-moe-hybridnorm")[0]
+    state = one["params"] + one["grads"] + one["optimizer"]
+    sharded = memory(tmp_path, 2, "tiny-moe-hybridnorm", "--dp-shard", "2")
+    for rank in sharded:
+        assert rank["params"] + rank["grads"] + rank["optimizer"] <= 1.1 / 2 * state, (rank, one)
+        assert rank["init_peak"] < 0.85 * one["params"], (rank, one)  # never the whole model at once
+    experts = memory(tmp_path, 2, "tiny-moe-hybridnorm", "--ep", "2")
+    for rank in experts:
+        assert rank["expert_params"] <= 1.1 / 2 * one["expert_params"], (rank, one)
+    rows = {(r.dp_shard, r.ep): r for r in plan(get_config("tiny-moe-hybridnorm"), "tiny", gpus=2, gpu_memory=80e9,
+                                                micro_batch=2, seq_len=32, precision="fp32").rows}
+    for measured, row in ((sharded, rows[(2, 1)]), (experts, rows[(1, 2)])):
+        for key, planned in (("params", row.params), ("grads", row.grads), ("optimizer", row.optimizer)):
+            got = max(rank[key] for rank in measured)
+            assert abs(planned - got) <= 0.1 * got, (key, planned, got)
+
+
+@pytest.mark.parametrize("name", ["tiny-dense-hybridnorm", "tiny-moe-hybridnorm"])
+@pytest.mark.parametrize("seq", [64, 128])
+def test_plan_activations_match_the_bytes_saved_for_backward(name, seq):
+    """The plan counts on meta, where the plain paths run (the loop expert backend: an upper bound of the fused
+    ones); here the bytes a real CPU forward on the plain paths saves are counted independently."""
+    import zoo
+    from zoo.api import get_config
+    from zoo.distributed.plan import plan
+    from zoo.kernels.switch import use
+    model = zoo.build(name)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+
+    idx = torch.randint(0, 256, (2, seq))
+    with use("reference"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(idx, idx)
+    measured = sum(storages.values())
+    planned = plan(get_config(name), name, gpus=1, gpu_memory=80e9, micro_batch=2, seq_len=seq,
+                   precision="fp32").rows[0].activations
+    assert abs(planned - measured) <= 0.25 * measured, (planned, measured)
+
+
+def test_plan_names_a_layout_for_olmoe_and_says_why_ddp_does_not_fit():
+    r = subprocess.run(zoo_cmd("plan", "olmoe-1b-7b-hybridnorm-star", "--gpus", "8", "--gpu-memory", "80GB"),
+                       env=env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "\nfits: FSDP2 over 8 ranks" in r.stdout
+    assert "DDP over 8 ranks: does not fit: needs " in r.stdout and "AdamW" in r.stdout
+    j = subprocess.run(zoo_cmd("plan", "olmoe-1b-7b-hybridnorm-star", "--json"), env=env(), capture_output=True, text=True)
+    rows = json.loads(j.stdout)["rows"]
+    assert {"layout", "params", "grads", "optimizer", "activations", "total", "fits", "why"} <= rows[0].keys()
+
+
+@pytest.mark.slow
+def test_fp32_first_step_equals_one_process(tmp_path, data):  # noqa: F811
+    """In fp32 with the default kernels: the first step's loss and gradient norms (whole, and per FFN) to 1e-5."""
+    args = ["train", "tiny-moe-hybridnorm", "--data", data, "--steps", "1", "--batch-size", "8", "--seq-len", "32",
+            "--eval-every", "100", "--set", "moe.lb_scope=global"]
+    subprocess.run(zoo_cmd(*args, "--out", str(tmp_path / "one")), env=env(), check=True, capture_output=True)
+    for name, layout in (("fsdp", ["--dp-shard", "2"]), ("ep", ["--ep", "2"])):
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            "-m", "zoo", *args, *layout, "--out", str(tmp_path / name)], env=env(), capture_output=True,
+                           text=True)
+        assert r.returncode == 0, r.stderr[-3000:]
+        a, b = records(tmp_path / "one")[0], records(tmp_path / name)[0]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+        assert b["aux_loss"] == pytest.approx(a["aux_loss"], rel=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b["ffn_grad_norms"] == pytest.approx(a["ffn_grad_norms"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_run_with_a_zoo_error_and_the_checkpoint_resumes(tmp_path, data):  # noqa: F811
+    """SIGSTOP one rank: the other fails within --dist-timeout with a zoo error naming its rank and step;
+    torchrun then kills the stopped one and exits nonzero; the last checkpoint resumes."""
+    import os
+    import signal
+    import time
+    run = tmp_path / "run"
+    args = ["train", "tiny-dense-hybridnorm", "--data", data, "--steps", "400", "--batch-size", "4", "--seq-len", "32",
+            "--eval-every", "1000", "--checkpoint-every", "5", "--dp-shard", "2", "--dist-timeout", "5"]
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "zoo", *args, "--out", str(run)], env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 12):
+        time.sleep(0.2)
+    victim = None
+    for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"RANK=1" in environ and f"--out\0{run}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+            victim = pid
+    assert victim is not None
+    os.kill(victim, signal.SIGSTOP)
+    stopped = time.time()
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode != 0
+    line = next(ln for ln in stderr.splitlines() if "zoo: error: rank 0 of 2 at step" in ln)
+    assert "--dist-timeout (5 s)" in line and "Traceback" not in stderr.split("zoo: error:")[0][-200:]
+    assert time.time() - stopped < 5 + 60  # the timeout, then torchrun's grace before it kills the stopped rank
+    saved = int((run / "checkpoint" / "sharded" / "latest").read_text().split("-")[1])
+    assert saved >= 5 and saved % 5 == 0
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "zoo", *args, "--steps", str(saved + 2), "--resume", "--out", str(run)], env=env(),
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(losses(run)) == list(range(saved + 2))

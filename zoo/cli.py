@@ -313,6 +313,32 @@ def _add_parallel_options(p: argparse.ArgumentParser) -> None:
                    "not answer a collective for this long (default 600)")
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from .api import get_config
+    from .distributed.plan import format_plan, parse_bytes, plan
+    cfg = get_config(args.name, args.set or None)
+    seq = args.seq if args.seq is not None else cfg.max_seq_len
+    result = plan(cfg, args.name, gpus=args.gpus, gpu_memory=parse_bytes(args.gpu_memory), micro_batch=args.micro_batch,
+                  seq_len=seq, precision=args.precision, ac=args.ac, ep=args.ep, headroom=args.headroom)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_plan(result))
+    return 0
+
+
+def _plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", help="variant name (see `zoo list`)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="model config override, repeatable")
+    p.add_argument("--gpus", type=int, default=8, help="ranks in all (default 8)")
+    p.add_argument("--gpu-memory", default="80GB", metavar="SIZE", help="memory of one GPU (default 80GB)")
+    p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the model's max_seq_len)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per micro-batch (default 1)")
+    p.add_argument("--ep", type=int, default=None, help="consider only this expert-parallel degree (MoE)")
+    p.add_argument("--ac", default="none", metavar="MODE", help="activation checkpointing: none, full or every:N")
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"), help="compute precision (default bf16)")
+    p.add_argument("--headroom", type=float, default=0.1, help="share of GPU memory kept free for the CUDA context, "
+                   "fragmentation and temporary buffers (default 0.1)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .distributed.checkpoint import export
     target = export(args.run, args.out)
@@ -539,6 +565,9 @@ COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], Callable[[argpars
      "Show a variant's resolved config, parameters (total/active) and FLOPs per token."),
     ("train", cmd_train, _train_arguments,
      "Train a variant: AdamW, warmup + cosine, clipping, MoE aux losses; metrics.jsonl and checkpoints."),
+    ("plan", cmd_plan, _plan_arguments,
+     "Per-rank memory of each parallel layout (DDP, FSDP2, HSDP, expert parallel) for a variant on N GPUs: "
+            "weights, gradients, AdamW state, gathered weights and activations, which layouts fit and why not."),
     ("export", cmd_export, _export_arguments,
      "Join the sharded (torch.distributed.checkpoint) checkpoint of a run into one safetensors checkpoint for "
             "zoo.load, cards and publish."),

@@ -31,9 +31,12 @@ def expert_glu_reference(x_TH: Tensor, token_N: Tensor, weight_N: Tensor, counts
 
 
 def gate_and_sum(x_TH: Tensor, token_N: Tensor, weight_N: Tensor, y_NH: Tensor) -> Tensor:
-    """Each token's gate-weighted sum of its experts' output rows ``y_NH``: ``(T, H)``, like ``x_TH``."""
-    y = y_NH * weight_N.unsqueeze(-1).to(y_NH.dtype)
-    return torch.zeros_like(x_TH).index_add_(0, token_N, y)
+    """Each token's gate-weighted sum of its experts' output rows ``y_NH``: ``(T, H)``, like ``x_TH``.
+
+    The sum runs in fp32 at least (bf16 rows are summed in fp32 and rounded once, as MegaBlocks does)."""
+    acc = torch.promote_types(y_NH.dtype, torch.float32)
+    y = y_NH.to(acc) * weight_N.unsqueeze(-1).to(acc)
+    return torch.zeros(x_TH.shape, dtype=acc, device=x_TH.device).index_add_(0, token_N, y).to(x_TH.dtype)
 
 
 def expert_rows(x_NH: Tensor, counts_E: Union[Tensor, Sequence[int]], w1_EFH: Tensor, v1_EFH: Tensor,

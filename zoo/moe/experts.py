@@ -17,6 +17,7 @@ With ``ZOO_KERNELS=reference`` every backend but an explicitly chosen ``megabloc
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from typing import Any
@@ -35,39 +36,52 @@ from .dispatch import sort_by_expert
 from .router import Routing
 
 BACKENDS = MOE_BACKENDS
-MEGABLOCKS_HELP = ("moe.backend='megablocks' needs a CUDA GPU, bf16 weights and the megablocks and grouped_gemm packages, "
-                   "built against your torch: pip install --no-build-isolation 'hybridnorm-zoo[megablocks]' on a CUDA "
-                   "machine. Elsewhere use moe.backend=grouped_mm (any device) or auto.")
+MEGABLOCKS_HELP = ("moe.backend='megablocks' needs a CUDA GPU, bf16 compute (bf16 weights, or CUDA autocast to bf16) and "
+                   "grouped_gemm (MegaBlocks' grouped GEMM) built against your torch: pip install --no-deps "
+                   "--no-build-isolation grouped_gemm==0.3.0 on a CUDA machine (a plain install or the [megablocks] extra "
+                   "would replace your torch; see docs/distributed.md). Elsewhere use moe.backend=grouped_mm (any device) "
+                   "or auto.")
 FUSED_MIN_MACS = 2**26  # multiply-adds of an average expert's gate matmul, (assignments / E) * H * F
 
 
 @functools.lru_cache(maxsize=1)
 def megablocks_gmm() -> Any:
-    """MegaBlocks' grouped GEMM op, or None where it cannot be imported (any CPU-only machine)."""
+    """MegaBlocks' grouped GEMM op (``grouped_gemm.ops.gmm``), or None where it cannot be imported (any
+    CPU-only machine). grouped_gemm alone suffices, and builds where MegaBlocks itself does not (CUDA 13);
+    MegaBlocks' own copy is the fallback."""
+    try:
+        import grouped_gemm  # type: ignore[import-not-found]
+        return grouped_gemm.ops.gmm
+    except Exception:
+        pass
     try:
         from megablocks import grouped_gemm_util as gg  # type: ignore[import-not-found]
         if gg.grouped_gemm_is_available():
             return gg.ops.gmm
     except Exception:
         pass
-    try:
-        import grouped_gemm  # type: ignore[import-not-found]
-        return grouped_gemm.ops.gmm
-    except Exception:
-        return None
+    return None
+
+
+def compute_dtype_on(x: Tensor) -> torch.dtype:
+    """The dtype the experts' GEMMs run in: autocast's where it is on for ``x``'s device, else ``x``'s."""
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return x.dtype
 
 
 def resolve_backend(name: str, x: Tensor, hidden: int, ffn: int, rows_per_expert: float = 0.0) -> str:
     """The backend that runs: ``name`` unless it is ``auto`` or cannot run here (see the module docstring)."""
     if x.is_meta:
         return "loop"  # counted at perfect balance; grouped_mm's meta kernel wants bf16
+    bf16 = compute_dtype_on(x) == torch.bfloat16
     if name == "megablocks":
-        if not x.is_cuda or x.dtype != torch.bfloat16 or megablocks_gmm() is None:
+        if not x.is_cuda or not bf16 or megablocks_gmm() is None:
             raise ZooError(MEGABLOCKS_HELP)
         return name
     if not fast():
         return "loop"
-    if name == "auto" and x.is_cuda and x.dtype == torch.bfloat16 and megablocks_gmm() is not None:
+    if name == "auto" and x.is_cuda and bf16 and megablocks_gmm() is not None:
         return "megablocks"
     grouped_ok = grouped_mm_supports(compute_dtype(x), hidden, ffn)
     if name == "auto" and x.device.type == "cpu":
@@ -90,12 +104,18 @@ def _warn_fallback(dtype: str, hidden: int, ffn: int) -> None:
 
 def megablocks_glu(x_TH: Tensor, token_N: Tensor, weight_N: Tensor, counts_E: Tensor, w1_EFH: Tensor, v1_EFH: Tensor,
                    w2_EFH: Tensor) -> Tensor:
-    """MegaBlocks' grouped GEMM (dMoE's ``mlp_impl='grouped'`` GLU path); batch sizes on the host."""
+    """MegaBlocks' grouped GEMM (dMoE's ``mlp_impl='grouped'`` GLU path); batch sizes on the host.
+
+    grouped_gemm takes one dtype for both operands (bf16): activations and weights are cast to the
+    compute dtype (autocast's, or the activations'), and the top-k outputs are summed in fp32."""
     gmm = megablocks_gmm()
     sizes = counts_E.cpu()
-    x_NH = x_TH[token_N]
-    h = F.silu(gmm(x_NH, w1_EFH, sizes, trans_b=True)) * gmm(x_NH, v1_EFH, sizes, trans_b=True)
-    return gate_and_sum(x_TH, token_N, weight_N, gmm(h, w2_EFH, sizes))
+    dtype = compute_dtype_on(x_TH)
+    x_NH = x_TH[token_N].to(dtype)
+    w1, v1, w2 = (w.to(dtype) for w in (w1_EFH, v1_EFH, w2_EFH))
+    with torch.autocast("cuda", enabled=False) if x_TH.is_cuda else contextlib.nullcontext():
+        h = F.silu(gmm(x_NH, w1, sizes, trans_b=True)) * gmm(x_NH, v1, sizes, trans_b=True)
+        return gate_and_sum(x_TH, token_N, weight_N, gmm(h, w2, sizes))
 
 
 GLU = {"loop": expert_glu_reference, "grouped_mm": grouped_glu, "fused": fused_glu, "megablocks": megablocks_glu}

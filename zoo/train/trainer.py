@@ -42,6 +42,17 @@ DIVERGED_EXIT = 3  # `zoo train` exit status when a run diverged
 TRAIN_CONFIG_NAME = "train.json"
 
 
+class RankLostError(ZooError):
+    """Another rank stopped answering: the message names this rank and the step."""
+
+
+def lost_rank(error: RuntimeError) -> bool:
+    """Whether a collective failed because a peer did not answer (gloo and NCCL word it so)."""
+    text = str(error).lower()
+    return any(s in text for s in ("timed out", "timeout", "connection closed by peer", "connection reset by peer",
+                                   "broken pipe"))
+
+
 class DivergenceError(ZooError):
     """Training diverged; the message names the step and the layer whose gradients blew up."""
 
@@ -289,6 +300,13 @@ class Trainer:
                 done_here += 1
                 if stop_after is not None and done_here >= stop_after:
                     break
+        except RuntimeError as e:
+            if self.world > 1 and lost_rank(e):
+                raise RankLostError(
+                    f"rank {self.rank} of {self.world} at step {state.step}: a collective waited longer than --dist-timeout "
+                    f"({tc.dist_timeout:g} s) for another rank, which hung, stopped or died ({str(e).splitlines()[0]}); "
+                    f"resume from the last checkpoint with --resume") from None
+            raise
         finally:
             probe.close()
             if bar:
