@@ -123,3 +123,28 @@ def test_compiled_training_follows_eager(tmp_path):
         assert compiled["loss"] == pytest.approx(eager["loss"], abs=1e-4)
         assert compiled["residual_rms"] == pytest.approx(eager["residual_rms"], abs=1e-4)
         assert compiled["max_attn_logit"] == pytest.approx(eager["max_attn_logit"], abs=1e-4)
+
+
+def test_a_kill_during_the_checkpoint_swap_leaves_a_whole_checkpoint(tmp_path, data):
+    """Weights, trainer state and tokenizer are written to .checkpoint.partial and swapped in by two renames;
+    a kill between them (both folders complete, no checkpoint/) or during the write (a partial folder beside
+    the old checkpoint) still resumes, from the newest whole checkpoint."""
+    import shutil
+    args = ["train", "tiny-dense-hybridnorm", "--data", data, *SMALL, "--checkpoint-every", "4"]
+    run, plain = tmp_path / "run", tmp_path / "plain"
+    for folder in (plain, run):  # 8 steps, then on to 12: plainly, and after a kill between the renames
+        subprocess.run(zoo_cmd(*args, "--steps", "8", "--out", str(folder)), env=env(), check=True, capture_output=True)
+    ckpt = run / "checkpoint"
+    (ckpt.parent / ".checkpoint.old").mkdir()  # the old one aside, the new one not yet in place
+    ckpt.rename(run / ".checkpoint.partial")
+    for folder in (plain, run):
+        r = subprocess.run(zoo_cmd(*args, "--resume", "--out", str(folder)), env=env(), capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    assert losses(run) == losses(plain) and sorted(losses(run)) == list(range(12))
+    partial = run / ".checkpoint.partial"  # killed while writing: a half folder beside the whole one
+    partial.mkdir()
+    shutil.copy(ckpt / "model.safetensors", partial / "model.safetensors")
+    r = subprocess.run(zoo_cmd(*args, "--steps", "14", "--resume", "--out", str(run)), env=env(), capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert not partial.exists() and sorted(losses(run)) == list(range(14))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,6 +55,43 @@ def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
         _fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(path: PathLike) -> Iterator[Path]:
+    """``with atomic_folder(p) as tmp:`` fill the folder ``tmp``; when the block succeeds, ``tmp`` replaces ``p``
+    whole (``p`` is renamed aside, ``tmp`` renamed to ``p``, the old one removed), so ``p`` holds one version
+    of all its files, never a mix. A kill between the two renames leaves both complete; ``recover_folder``
+    puts the new one in place."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+    recover_folder(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
+        if path.exists():
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def recover_folder(path: PathLike) -> None:
+    """Finish an ``atomic_folder`` that a kill interrupted: a partial write is dropped; between the renames,
+    the new (complete) folder is put in place."""
+    path = Path(path)
+    tmp, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
+    if not path.exists() and old.exists():
+        os.rename(tmp if tmp.exists() else old, path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: PathLike, data: bytes) -> Path:

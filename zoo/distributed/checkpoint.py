@@ -27,15 +27,11 @@ from ..checkpoint import save as save_checkpoint
 from ..config import merge_config
 from ..errors import ZooError
 from ..files import CHECKPOINT_DIR, CONFIG_NAME, WEIGHTS_NAME, write_text
+from .world import barrier
 
 SHARDED_DIR = "sharded"
 LATEST = "latest"
 RUN_STATE = "run.json"
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def latest(folder: Path) -> Optional[Path]:
@@ -54,11 +50,11 @@ def save(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, run: dict[s
     if rank == 0:
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
-    _barrier()
+    barrier()
     model_sd, optim_sd = get_state_dict(model, opt)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(partial))
     save_file({"torch": torch.get_rng_state()}, str(partial / f"rng-{rank}.safetensors"))
-    _barrier()
+    barrier()
     if rank == 0:
         write_text(partial / RUN_STATE, json.dumps(run))
         final = folder / name
@@ -68,7 +64,7 @@ def save(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, run: dict[s
         for old in folder.glob("step-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return folder / name
 
 

@@ -28,6 +28,12 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     _, world = rank_and_world()
     if world > 1:

@@ -28,9 +28,10 @@ from ..distributed import checkpoint as dcp_checkpoint
 from ..distributed.grads import clip_grad_norm
 from ..distributed.layout import Layout, device_for_rank
 from ..distributed.parallelize import parallelize
-from ..distributed.world import mean_over_ranks, rank_and_world, sum_over_ranks
+from ..distributed.world import barrier, mean_over_ranks, rank_and_world, sum_over_ranks
 from ..errors import ZooError
-from ..files import CHECKPOINT_DIR, CONFIG_NAME, TRAINER_STATE_NAME, WEIGHTS_NAME, write_json, write_text
+from ..files import (CHECKPOINT_DIR, CONFIG_NAME, TRAINER_STATE_NAME, WEIGHTS_NAME, atomic_folder, recover_folder,
+                     write_json, write_text)
 from ..moe import after_optimizer_step
 from .data import Corpus, load_corpus
 from .malloc import retain_freed_memory
@@ -165,6 +166,9 @@ class Trainer:
         self.last_loss, self.val_loss = float("nan"), None
 
     def _resume(self) -> None:
+        if self.rank == 0:  # a kill during the last checkpoint's swap (zoo/files.py atomic_folder)
+            recover_folder(self.weights.parent)
+        barrier()
         if self.layout.fsdp:
             self.state = RunState.of(dcp_checkpoint.load(self.sharded, self.model, self.opt, self.rank))
         elif not self.trainer_state.exists():
@@ -268,9 +272,11 @@ class Trainer:
         if self.layout.fsdp:
             dcp_checkpoint.save(self.sharded, self.model, self.opt, {**asdict(self.state), "variant": self.variant},
                                 self.rank)
-        elif self.rank == 0:
-            save(self.model, self.weights, variant=self.variant)
-            save_trainer_state(self.trainer_state, self.opt, self.state)
+        elif self.rank == 0:  # weights, trainer state and tokenizer replace the last ones together
+            with atomic_folder(self.weights.parent) as folder:
+                save(self.model, folder / self.weights.name, variant=self.variant)
+                save_trainer_state(folder / self.trainer_state.name, self.opt, self.state)
+                self.corpus.save_tokenizer(folder)
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
