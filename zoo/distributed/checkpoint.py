@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import nn

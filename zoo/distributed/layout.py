@@ -8,6 +8,7 @@ sharded over ``dp_shard x ep`` ranks, as torchtitan lays it out. ``world = dp_re
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Optional
@@ -39,6 +40,9 @@ class Layout:
                 raise ZooError(f"{flag} must be at least 1, not {value}")
         if dp_shard in (0, -1) and dp_replicate == 1 and ep == 1:
             return cls(world=world, dp_replicate=world, fsdp=False)
+        if world == 1 and (dp_replicate > 1 or ep > 1 or dp_shard > 1):
+            raise ZooError(f"this is one process, but --dp-shard/--dp-replicate/--ep ask for {max(dp_shard, 1) * dp_replicate * ep}"
+                           " ranks; start it with torchrun --nproc_per_node N -m zoo train ... (docs/distributed.md)")
         if dp_shard in (0, -1):
             if world % (dp_replicate * ep):
                 raise ZooError(f"{world} ranks cannot be split into --dp-replicate {dp_replicate} x --ep {ep} groups")
@@ -104,5 +108,4 @@ class Meshes:
 
 def device_for_rank() -> torch.device:
     """This rank's device: its GPU under torchrun where there are GPUs (LOCAL_RANK), else the CPU."""
-    import os
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")

@@ -21,7 +21,7 @@ from .expert_parallel import apply_expert_parallel
 from .fsdp import apply_fsdp, divide_gradients, mixed_precision
 from .init import init_sharded
 from .layout import Layout, Meshes
-from .world import sum_over_ranks
+from .world import ensure_process_group, sum_over_ranks
 
 
 @dataclass
@@ -48,6 +48,7 @@ def parallelize(cfg: ModelConfig, layout: Layout, *, device: torch.device, preci
         forward = nn.parallel.DistributedDataParallel(model) if layout.world > 1 else model
         return Parallel(model, forward, layout)
     layout.check_model(cfg.moe.num_experts if cfg.is_moe else None)
+    ensure_process_group(device.type)
     meshes = Meshes(layout, device.type)
     model = empty_model(cfg, variant)
     if dtype is not None:

@@ -22,6 +22,14 @@ def init_distributed(timeout: Optional[float] = None) -> bool:
     return True
 
 
+def ensure_process_group(device_type: str) -> None:
+    """A process group of one, in memory, where none was started (DeviceMeshes need one): FSDP2 at world size
+    1 without torchrun."""
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+
+
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

@@ -9,6 +9,7 @@ of the batch into micro-batches.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -30,8 +31,16 @@ from ..distributed.layout import Layout, device_for_rank
 from ..distributed.parallelize import parallelize
 from ..distributed.world import barrier, mean_over_ranks, rank_and_world, sum_over_ranks
 from ..errors import ZooError
-from ..files import (CHECKPOINT_DIR, CONFIG_NAME, TRAINER_STATE_NAME, WEIGHTS_NAME, atomic_folder, recover_folder,
-                     write_json, write_text)
+from ..files import (
+    CHECKPOINT_DIR,
+    CONFIG_NAME,
+    TRAINER_STATE_NAME,
+    WEIGHTS_NAME,
+    atomic_folder,
+    recover_folder,
+    write_json,
+    write_text,
+)
 from ..moe import after_optimizer_step
 from .data import Corpus, load_corpus
 from .malloc import retain_freed_memory
@@ -188,7 +197,6 @@ class Trainer:
 
     def _gradient_sync(self, sync: bool) -> Any:
         """Skip the gradient reduction of all but a step's last micro-batch."""
-        import contextlib
         if not self.layout.fsdp:
             return contextlib.nullcontext() if sync or self.world == 1 else self.parallel.forward.no_sync()
         self.model.set_requires_gradient_sync(sync)  # type: ignore[operator]
