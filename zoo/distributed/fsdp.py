@@ -42,6 +42,8 @@ def apply_fsdp(model: nn.Module, meshes: Meshes, precision: str) -> set[nn.Param
             if meshes.experts.size() > 1:
                 fully_shard(module, mesh=meshes.experts, mp_policy=mp)
                 module.set_gradient_divide_factor(world)  # type: ignore[attr-defined]
+                if meshes.device_type == "cpu":  # gloo has no PREMUL_SUM: sum, then divide
+                    module.set_force_sum_reduction_for_comms(True)  # type: ignore[attr-defined]
             else:
                 alone.update(module.parameters())
         fully_shard(block, mesh=meshes.dense, mp_policy=mp, ignored_params=alone or None)
