@@ -84,15 +84,18 @@ def test_a_rank_whose_experts_get_no_tokens():
 
 
 def test_micro_batches_and_activation_checkpointing_leave_the_run_unchanged(tmp_path, data):  # noqa: F811
-    """--grad-accum 2 equals one micro-batch in float64; --ac full gives bit-identical losses."""
+    """--grad-accum 2 equals one micro-batch in float64; --ac full gives bit-identical losses and weights, with
+    the sigmoid-bias router, whose load count must not be taken again when a block reruns."""
     args = ["train", "tiny-dense-hybridnorm", "--data", data, *STEPS, *FP64]
     one_process(*args, "--out", str(tmp_path / "one"))
     one_process(*args, "--grad-accum", "2", "--out", str(tmp_path / "accum"))
     assert_same_run(tmp_path / "one", tmp_path / "accum", 1e-9)
-    base = ["train", "tiny-moe-hybridnorm", "--data", data, *STEPS]
+    base = ["train", "tiny-moe-hybridnorm", "--data", data, *STEPS, "--set", "moe.router=sigmoid-bias"]
     one_process(*base, "--out", str(tmp_path / "none"))
     one_process(*base, "--ac", "full", "--out", str(tmp_path / "full"))
     assert losses(tmp_path / "none") == losses(tmp_path / "full")
+    a, b = (load_file(str(tmp_path / r / "checkpoint" / "model.safetensors")) for r in ("none", "full"))
+    assert all(torch.equal(a[k], b[k]) for k in a) and any("expert_bias" in k for k in a)
 
 
 def test_layouts_refuse_what_cannot_run():
