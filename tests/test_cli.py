@@ -150,3 +150,70 @@ def test_closed_stdout_gives_no_traceback(subprocess_env):
     finally:
         os.close(write_end)
     assert "Traceback" not in r.stderr, r.stderr
+
+
+def _broken_checkpoints(folder: Path) -> dict[str, Path]:
+    """A checkpoint whose header makes two tensors overlap, and an index whose weight_map leaves its folder."""
+    import struct
+    good = folder / "good" / "model.safetensors"
+    zoo.save(zoo.build("tiny-dense-hybridnorm"), good)
+    data = good.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    names = [k for k in header if k != "__metadata__"]
+    first, second = header[names[0]], header[names[1]]
+    size = second["data_offsets"][1] - second["data_offsets"][0]
+    second["data_offsets"] = [first["data_offsets"][0], first["data_offsets"][0] + size]
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    overlap = folder / "overlap" / "model.safetensors"
+    overlap.parent.mkdir()
+    overlap.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    index = folder / "escape" / "model.safetensors.index.json"
+    index.parent.mkdir()
+    index.write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(names, "../../etc/passwd")}))
+    return {"overlap": overlap, "escape": index}
+
+
+BAD_INPUTS = {
+    "head_dim": (["train", "tiny-dense-hybridnorm", "--set", "head_dim=-2"], "head_dim must be positive or null, got -2"),
+    "batch": (["train", "tiny-dense-hybridnorm", "--batch-size", "0"], "--batch-size must be at least 1, not 0"),
+    "seq": (["train", "tiny-dense-hybridnorm", "--seq-len", "0"], "--seq-len must be at least 1, not 0"),
+    "lr-negative": (["train", "tiny-dense-hybridnorm", "--lr", "-1"], "--lr must be a positive number, not -1.0"),
+    "lr-nan": (["train", "tiny-dense-hybridnorm", "--lr", "nan"], "--lr must be a positive number, not nan"),
+    "eval-every": (["train", "tiny-dense-hybridnorm", "--eval-every", "0"], "--eval-every must be at least 1, not 0"),
+    "checkpoint-every": (["train", "tiny-dense-hybridnorm", "--checkpoint-every", "0"],
+                         "--checkpoint-every must be at least 1, not 0"),
+    "steps": (["train", "tiny-dense-hybridnorm", "--steps", "-1"], "--steps must be at least 1, not -1"),
+    "warmup": (["train", "tiny-dense-hybridnorm", "--warmup", "-5"], "--warmup must be 0 or more, not -5"),
+    "info-seq": (["info", "tiny-dense-hybridnorm", "--seq-len", "-4"], "the sequence length must be at least 1, not -4"),
+    "publish-to-file": (["publish", "tiny-dense-hybridnorm", "--to", "{file}"], "is a file; give the folder"),
+    "overlap": (["eval", "{overlap}"], "overlap in the data"),
+    "escape": (["eval", "{escape}"], "which is not a file beside the index"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_inputs_exit_2_with_one_line(case, tmp_path, subprocess_env):
+    """Inputs that once ended in a traceback or were accepted silently: one `zoo: error:` line, exit 2."""
+    args, message = BAD_INPUTS[case]
+    paths = {"file": tmp_path / "a-file", **(_broken_checkpoints(tmp_path) if case in ("overlap", "escape") else {})}
+    paths["file"].write_text("")
+    argv = [a.format(**paths) for a in args]
+    out = ["--out", str(tmp_path / "run")] if argv[0] == "train" else []
+    r = subprocess.run([ZOO, *argv, *out], env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("zoo: error: "), r.stderr
+    assert message in r.stderr, r.stderr
+
+
+def test_moe_overrides_on_a_dense_variant_are_named_as_ignored(subprocess_env):
+    r = subprocess.run([ZOO, "info", "tiny-dense-hybridnorm", "--set", "moe.top_k=99", "--set", "moe.num_experts=4"],
+                       env=subprocess_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert ("zoo: warning: tiny-dense-hybridnorm is dense (ffn.type: dense); it ignores moe.num_experts, moe.top_k"
+            in r.stderr), r.stderr
+    r = subprocess.run([ZOO, "info", "tiny-moe-hybridnorm", "--set", "moe.top_k=99"], env=subprocess_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "moe.top_k (99) must be between 1 and moe.num_experts (8)" in r.stderr

@@ -68,8 +68,13 @@ def test_divergence_is_reported_and_keeps_the_last_good_checkpoint(tmp_path, dat
                                "--checkpoint-every", "1"), env=env(), capture_output=True, text=True)
     assert r.returncode == 3, r.stderr
     assert "zoo: error: training diverged at step" in r.stderr and "Traceback" not in r.stderr
-    event = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "event" in x][-1]
+    def strict(text):  # NaN and Infinity are not JSON
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in {text[:80]}"))
+
+    event = [strict(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "event" in x][-1]
     assert event["event"] == "diverged" and event["layer"] in r.stderr
+    summary = strict((run / "summary.json").read_text())
+    assert summary["diverged"]["step"] == event["step"] and "training diverged" in summary["diverged"]["message"]
     from safetensors import safe_open
     with safe_open(str(run / "checkpoint" / "trainer.safetensors"), "pt") as f:
         saved_step = json.loads(f.metadata()["run"])["step"]

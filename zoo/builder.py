@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
+from collections.abc import Mapping
 from typing import Any, Optional, Union
 
 import torch
@@ -31,8 +33,24 @@ def get_config(name: Union[str, ModelConfig], overrides: ConfigSource = None) ->
     else:
         variant = REGISTRY.get("variant", name)
         cfg = merge_config(*variant.parts, overrides, where=f"variant {name!r}")
+    if not cfg.is_moe:
+        _warn_ignored_moe(overrides, name if isinstance(name, str) else "this config")
     resolve(cfg)
     return cfg
+
+
+def _warn_ignored_moe(overrides: ConfigSource, name: str) -> None:
+    """A dense model has no MoE layer: say which ``moe.*`` overrides it ignores (compare and study apply one
+    override list to dense and MoE variants alike, so this warns rather than fails)."""
+    if isinstance(overrides, Mapping):
+        keys = [f"moe.{k}" for k in overrides.get("moe", {})] if isinstance(overrides.get("moe"), Mapping) else []
+        keys += [k for k in overrides if isinstance(k, str) and k.startswith("moe.")]
+    elif isinstance(overrides, (list, tuple)):
+        keys = [str(item).split("=", 1)[0].strip() for item in overrides if str(item).strip().startswith("moe.")]
+    else:
+        return
+    if keys:
+        warnings.warn(f"{name} is dense (ffn.type: dense); it ignores {', '.join(sorted(set(keys)))}", stacklevel=3)
 
 
 def resolve(cfg: ModelConfig) -> Components:
@@ -130,6 +148,8 @@ def empty_model(cfg: ModelConfig, variant: Optional[str] = None) -> ZooModel:
 
 def model_stats(cfg: ModelConfig, seq_len: Optional[int] = None, flops: bool = True) -> ModelStats:
     """Stats for a config without allocating its weights; ``flops=False`` skips the (slower) FLOP count."""
+    if seq_len is not None and seq_len < 1:
+        raise ConfigError(f"the sequence length must be at least 1, not {seq_len}")
     with torch.device("meta"):
         model = ZooModel(cfg, resolve(cfg))
     total, active = count_params(model)

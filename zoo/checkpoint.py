@@ -171,6 +171,10 @@ def read_header(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         if end > data_size:
             raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {end:,} of the data, "
                                   f"but the file holds only {data_size:,} data bytes")
+    spans = sorted((e["data_offsets"][0], e["data_offsets"][1], name) for name, e in header.items())
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise CheckpointError(f"{path}: corrupt header: tensors {first!r} and {second!r} overlap in the data")
     return header, metadata
 
 
@@ -196,6 +200,10 @@ def _files(path: Path) -> tuple[list[Path], dict[str, str]]:
         meta = {k: str(v) for k, v in index.get("metadata", {}).items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"{index_path}: not a valid checkpoint index: {e}") from None
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{index_path}: its weight_map names {name!r}, which is not a file beside the index "
+                                  "(paths elsewhere are refused)")
     return [index_path.with_name(n) for n in names], meta
 
 

@@ -198,6 +198,9 @@ def check_shapes(cfg: ModelConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    for key, value in (("head_dim", cfg.head_dim), ("n_kv_heads", cfg.n_kv_heads)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be positive or null, got {value}")
     if cfg.head_dim is None and cfg.d_model % cfg.n_heads:
         raise ConfigError(f"d_model ({cfg.d_model}) must be divisible by n_heads ({cfg.n_heads}), or set head_dim")
     if cfg.kv_heads <= 0 or cfg.n_heads % cfg.kv_heads:

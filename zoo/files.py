@@ -7,6 +7,7 @@ old file or the new one, never half of one.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -104,6 +105,21 @@ def write_text(path: PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def strict_json(data: Any, **kwargs: Any) -> str:
+    """``data`` as strict JSON: a non-finite float (NaN, infinity), which JSON cannot hold, is written as null."""
+    return json.dumps(_finite(data), allow_nan=False, **kwargs)
+
+
+def _finite(data: Any) -> Any:
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
 def write_json(path: PathLike, data: Any, *, sort_keys: bool = False) -> Path:
-    """``data`` as indented JSON with a final newline."""
-    return write_text(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
+    """``data`` as indented strict JSON (``strict_json``) with a final newline."""
+    return write_text(path, strict_json(data, indent=2, sort_keys=sort_keys) + "\n")

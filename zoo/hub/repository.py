@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable, Union
 
 from .index import record
-from .protocol import CHECKSUMS, commit_id, format_checksums, sha256_file
+from .protocol import CHECKSUMS, HubError, commit_id, format_checksums, sha256_file
 from .transfer import file_digest
 
 
@@ -23,6 +23,8 @@ def write_repo(to: Union[str, Path], name: str, write: Callable[[Path], None],
     it, ``checksums.sha256`` is added, and the folder is swapped in whole, so a running server never sees
     half of it. With ``index``, the commit and the files' sha256 and BLAKE3 digests are recorded there."""
     to = Path(to)
+    if to.exists() and not to.is_dir():
+        raise HubError(f"--to {to} is a file; give the folder that holds (or will hold) the repositories")
     to.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".publishing", dir=to))
     final = to / name

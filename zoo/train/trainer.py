@@ -38,6 +38,7 @@ from ..files import (
     WEIGHTS_NAME,
     atomic_folder,
     recover_folder,
+    strict_json,
     write_json,
     write_text,
 )
@@ -108,6 +109,26 @@ class TrainConfig:
             saved["precision"] = "bf16" if saved["autocast_bf16"] else "fp32"
         return cls(**{k: v for k, v in saved.items() if k in known})
 
+    def check(self) -> None:
+        """Refuse settings no run can use, naming the option (one line, before anything is built)."""
+        at_least_one = {"--steps": self.steps, "--batch-size": self.batch_size, "--seq-len": self.seq_len,
+                        "--eval-every": self.eval_every, "eval_batches": self.eval_batches,
+                        "--checkpoint-every": self.checkpoint_every, "--grad-accum": self.grad_accum}
+        for flag, value in at_least_one.items():
+            if value < 1:
+                raise ZooError(f"{flag} must be at least 1, not {value}")
+        if self.warmup_steps < 0:
+            raise ZooError(f"--warmup must be 0 or more, not {self.warmup_steps}")
+        positive = {"--lr": self.lr, "grad_clip": self.grad_clip, "--dist-timeout": self.dist_timeout}
+        for flag, value in positive.items():
+            if not math.isfinite(value) or value <= 0:
+                raise ZooError(f"{flag} must be a positive number, not {value}")
+        for name, value in (("min_lr_ratio", self.min_lr_ratio), ("beta1", self.beta1), ("beta2", self.beta2)):
+            if not 0 <= value <= 1:
+                raise ZooError(f"{name} must be between 0 and 1, not {value}")
+        if not math.isfinite(self.weight_decay) or self.weight_decay < 0:
+            raise ZooError(f"weight_decay must be 0 or more, not {self.weight_decay}")
+
     def layout(self, world: int) -> Layout:
         return Layout.of(world, self.dp_shard, self.dp_replicate, self.ep)
 
@@ -130,6 +151,7 @@ class Trainer:
                  tc: Optional[TrainConfig] = None, *, out_dir: Union[str, Path] = "runs/train", resume: bool = False,
                  progress: bool = True, corpus: Optional[Corpus] = None, variant: Optional[str] = None):
         self.tc = tc = tc or TrainConfig()
+        tc.check()
         self.out = Path(out_dir)
         self.rank, self.world = rank_and_world()
         self.variant = variant if variant is not None else model_source if isinstance(model_source, str) else None
@@ -288,7 +310,7 @@ class Trainer:
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(strict_json(record) + "\n")
 
     def run(self, stop_after: Optional[int] = None, progress: bool = True) -> TrainResult:
         """Train to ``tc.steps`` (or for ``stop_after`` steps of this call, for tests of resume)."""
@@ -314,6 +336,10 @@ class Trainer:
                 done_here += 1
                 if stop_after is not None and done_here >= stop_after:
                     break
+        except DivergenceError as e:
+            if self.rank == 0:
+                self._write_summary({"step": state.step, "message": str(e)})
+            raise
         except RuntimeError as e:
             if self.world > 1 and lost_rank(e):
                 raise RankLostError(
@@ -328,11 +354,16 @@ class Trainer:
         result = TrainResult(self.out, state.step, self.last_loss, self.val_loss,
                              state.tokens / max(state.wall, 1e-9) * self.world, self.metrics_path)
         if self.rank == 0:
-            write_json(self.out / "summary.json", {
-                "steps": state.step, "tokens": state.tokens, "wall": state.wall, "final_train_loss": self.last_loss,
-                "final_val_loss": self.val_loss, "tokens_per_s": result.tokens_per_s,
-                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+            self._write_summary(None)
         return result
+
+    def _write_summary(self, diverged: Optional[dict[str, Any]]) -> None:
+        """``summary.json``: the run's totals, and ``diverged`` (step and message) when it diverged."""
+        state = self.state
+        write_json(self.out / "summary.json", {
+            "steps": state.step, "tokens": state.tokens, "wall": state.wall, "final_train_loss": self.last_loss,
+            "final_val_loss": self.val_loss, "tokens_per_s": state.tokens / max(state.wall, 1e-9) * self.world,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "diverged": diverged})
 
 
 def router_record(stats: list[dict[str, Any]]) -> list[dict[str, Any]]:
