@@ -153,3 +153,34 @@ def test_a_kill_during_the_checkpoint_swap_leaves_a_whole_checkpoint(tmp_path, d
                        text=True)
     assert r.returncode == 0, r.stderr
     assert not partial.exists() and sorted(losses(run)) == list(range(14))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The corpus and the uninterrupted run that the kill-at-each-phase runs must reproduce."""
+    folder = tmp_path_factory.mktemp("phases")
+    corpus = folder / "corpus"
+    corpus.mkdir()
+    for i in range(6):
+        (corpus / f"f{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x * {j} + {i}\n" for j in range(300)))
+    args = ["tiny-dense-hybridnorm", "--data", str(corpus), *SMALL, "--checkpoint-every", "4"]
+    subprocess.run(zoo_cmd("train", *args, "--out", str(folder / "full")), env=env(), check=True, capture_output=True)
+    return args, losses(folder / "full")
+
+
+@pytest.mark.parametrize("phase", ["before-weights", "after-weights", "after-state", "between-renames", "after-swap"])
+def test_a_kill_at_each_phase_of_a_checkpoint_resumes_bit_identically(tmp_path, uninterrupted, phase):
+    """Killed during its second checkpoint (step 8), the run resumes from a whole checkpoint (step 4, or step 8
+    once the new one is in place) and its curve equals the uninterrupted run's; no partial folder stays behind."""
+    args, full = uninterrupted
+    run = tmp_path / "run"
+    worker = Path(__file__).parent / "workers" / "kill_during_checkpoint.py"
+    r = subprocess.run([sys.executable, str(worker), phase, *args, "--out", str(run)], env=env(), capture_output=True,
+                       text=True)
+    assert r.returncode == 9, r.stderr[-2000:]
+    r = subprocess.run(zoo_cmd("train", *args, "--resume", "--out", str(run)), env=env(), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert losses(run) == full
+    leftovers = [p.name for p in run.iterdir() if p.name.startswith(".")]
+    leftovers += [p.name for p in (run / "checkpoint").iterdir() if p.name.startswith(".") or p.suffix == ".tmp"]
+    assert leftovers == []
