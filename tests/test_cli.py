@@ -194,18 +194,21 @@ BAD_INPUTS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
-def test_bad_inputs_exit_2_with_one_line(case, tmp_path, subprocess_env):
-    """Inputs that once ended in a traceback or were accepted silently: one `zoo: error:` line, exit 2."""
+def test_bad_inputs_exit_2_with_one_line(case, tmp_path, capsys, monkeypatch):
+    """Inputs that once ended in a traceback or were accepted silently: one `zoo: error:` line, exit 2 (run in
+    this process through the CLI's entry point; test_errors_are_one_line_without_traceback covers the script)."""
+    import zoo.cli
     args, message = BAD_INPUTS[case]
     paths = {"file": tmp_path / "a-file", **(_broken_checkpoints(tmp_path) if case in ("overlap", "escape") else {})}
     paths["file"].write_text("")
     argv = [a.format(**paths) for a in args]
-    out = ["--out", str(tmp_path / "run")] if argv[0] == "train" else []
-    r = subprocess.run([ZOO, *argv, *out], env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("zoo: error: "), r.stderr
-    assert message in r.stderr, r.stderr
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    code = zoo.cli.main([*argv, *(["--out", str(tmp_path / "run")] if argv[0] == "train" else [])])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("zoo: error: "), err
+    assert message in err, err
 
 
 def test_moe_overrides_on_a_dense_variant_are_named_as_ignored(subprocess_env):
