@@ -238,3 +238,31 @@ def test_first_load_in_a_fresh_process_runs_no_initializer(tmp_path, run_python)
         assert not any(t.is_meta for t in model.state_dict().values())
     """)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_header_claiming_200000_layers_fails_fast_and_small(tmp_path):
+    """The config is checked against the tensors before any model is built: within 1 s of zoo.load and under
+    100 MB of extra memory (measured in a fresh process, after its imports)."""
+    good = tmp_path / "good.safetensors"
+    zoo.save(zoo.build("tiny-dense-hybridnorm"), good)
+    data = good.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    config = json.loads(header["__metadata__"]["config"])
+    config["n_layers"] = 200_000
+    header["__metadata__"]["config"] = json.dumps(config)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    huge = tmp_path / "huge.safetensors"
+    huge.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + n:])
+    probe = ("import resource, sys, time, zoo\n"
+             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+             "t = time.perf_counter()\n"
+             "try:\n    zoo.load(sys.argv[1])\nexcept zoo.ZooError as e:\n    print(e)\n"
+             "print(time.perf_counter() - t, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n")
+    r = subprocess.run([sys.executable, "-c", probe, str(huge)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    message, figures = r.stdout.strip().splitlines()
+    assert message == f"{huge} does not match its config: its tensors hold blocks 0-3, but its config says n_layers=200000"
+    seconds, extra_mb = map(float, figures.split())
+    assert seconds < 1.0 and extra_mb < 100, (seconds, extra_mb)

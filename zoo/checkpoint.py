@@ -15,6 +15,7 @@ init compute, no second copy of the weights.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import uuid
 from pathlib import Path
@@ -219,6 +220,19 @@ def _config(path: Union[str, Path], meta: dict[str, str]) -> ModelConfig:
         raise CheckpointError(f"{path}: the config in the checkpoint header is invalid: {e}") from None
 
 
+def _check_layers(path: Path, cfg: ModelConfig, headers: list[tuple[dict[str, Any], dict[str, str]]]) -> None:
+    """Before any model is built: the blocks the tensors belong to must be exactly those the config asks for,
+    so that a header claiming a huge model fails at once instead of building it."""
+    found = {int(m.group(1)) for h, _ in headers for name in h if (m := _BLOCK.match(name))}
+    if found != set(range(cfg.n_layers)):
+        have = f"blocks 0-{max(found)}" if found and found == set(range(max(found) + 1)) else f"{len(found)} blocks"
+        raise CheckpointError(f"{path} does not match its config: its tensors hold {have}, but its config says "
+                              f"n_layers={cfg.n_layers}")
+
+
+_BLOCK = re.compile(r"blocks\.(\d+)\.")
+
+
 def checkpoint_config(path: Union[str, Path]) -> tuple[ModelConfig, dict[str, str]]:
     """The config and metadata a checkpoint carries, without reading its tensors."""
     files, meta = _files(Path(path))
@@ -242,6 +256,7 @@ def load(path: Union[str, Path], overrides: ConfigSource = None, *, device: Opti
     cfg = _config(path, meta)
     if overrides is not None:
         cfg = merge_config(cfg, overrides, where="overrides")
+    _check_layers(path, cfg, headers)
     model = empty_model(cfg, variant=meta.get("variant") or None)
     expected = {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
     params = {k for k, _ in model.named_parameters()}
