@@ -883,3 +883,40 @@ def test_publish_puts_a_checkpoints_results_on_its_card(tmp_path):
 def _write(path: Path, data: dict) -> Path:
     path.write_text(json.dumps(data))
     return path
+
+
+def test_a_plain_huggingface_hub_client_lists_and_snapshots_a_zoo_hub(published, tmp_path):
+    """Every read-only call of huggingface_hub's listing and snapshot API, and the `hf download` command,
+    against `zoo serve`: results checked against the published folder itself."""
+    from huggingface_hub import HfApi, snapshot_download
+    repo_id = f"zoo/{NAME}"
+    names = sorted([*published.files, CHECKSUMS])
+    with serve_background(published.dir) as url:
+        api = HfApi(endpoint=url)
+        assert api.list_repo_files(repo_id) == names
+        for recursive in (False, True):
+            tree = {f.path: f for f in api.list_repo_tree(repo_id, recursive=recursive)}
+            assert sorted(tree) == names
+        weights = tree["model.safetensors"]
+        assert weights.size == (published.folder / "model.safetensors").stat().st_size
+        assert weights.lfs.sha256 == published.files["model.safetensors"]
+        config = (published.folder / "config.yaml").read_bytes()
+        assert tree["config.yaml"].blob_id == hashlib.sha1(b"blob %d\0" % len(config) + config).hexdigest()
+        assert [p.path for p in api.get_paths_info(repo_id, ["config.yaml", "missing.txt"])] == ["config.yaml"]
+        refs = api.list_repo_refs(repo_id)
+        assert [(b.name, b.target_commit) for b in refs.branches] == [("main", published.commit)]
+        assert [c.commit_id for c in api.list_repo_commits(repo_id)] == [published.commit]
+        assert [m.id for m in api.list_models(search=NAME[5:].upper())] == [repo_id]  # a part, any case
+        assert list(api.list_models(search="no-such-model")) == []
+        info = api.model_info(repo_id, files_metadata=True)
+        assert info.sha == published.commit and {s.rfilename: s.size for s in info.siblings} == {
+            n: (published.folder / n).stat().st_size for n in names}
+        snapshot = Path(snapshot_download(repo_id, endpoint=url, cache_dir=str(tmp_path / "cache")))
+        assert sorted(p.name for p in snapshot.iterdir()) == names
+        assert (snapshot / "model.safetensors").read_bytes() == (published.folder / "model.safetensors").read_bytes()
+        hf = Path(sys.executable).parent / "hf"
+        r = subprocess.run([str(hf), "download", repo_id, "--local-dir", str(tmp_path / "local")],
+                           env={**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf-cli")},
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert sorted(p.name for p in (tmp_path / "local").iterdir() if not p.name.startswith(".")) == names

@@ -11,7 +11,11 @@ What ``huggingface_hub.hf_hub_download`` needs from a server, and what this one 
   ``Accept-Ranges: bytes``; ``*.safetensors`` files also carry ``X-Linked-Etag`` and
   ``X-Linked-Size`` as LFS files on the Hub do. ``Range: bytes=a-b`` gets ``206`` with ``Content-Range``,
   which is how the client resumes a download that lost its connection.
-- ``GET /api/models/zoo/<variant>[/revision/<revision>]``: ``{"id", "sha", "siblings": [{"rfilename"}]}``.
+- ``GET /api/models/zoo/<variant>[/revision/<revision>]``: ``{"id", "sha", "siblings": [{"rfilename"}]}``,
+  with ``?blobs=true`` each sibling's ``size``, ``blobId`` and ``lfs``.
+- The rest of the read-only API that huggingface_hub's listing and snapshot calls use (zoo/hub/listing.py):
+  ``GET /api/models[?search=&author=&filter=&limit=]``, ``GET /api/models/zoo/<variant>/tree/<revision>``,
+  ``.../refs``, ``.../commits/<revision>`` and ``POST .../paths-info/<revision>``.
 - Errors as the Hub sends them: 404 with ``X-Error-Code: RepoNotFound | RevisionNotFound |
   EntryNotFound``, an ``X-Error-Message`` and a JSON body ``{"error": ...}``.
 
@@ -30,16 +34,18 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional, Union
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
+from . import listing
 from .protocol import NAMESPACE, HubError, Repo, check_filename, list_repos, read_repo, sha256_file
 
 HOST = "127.0.0.1"
-LFS_SUFFIXES = (".safetensors",)
+LFS_SUFFIXES = listing.LFS_SUFFIXES
+MAX_FORM_BYTES = 1 << 20  # a paths-info request body
 
 
 class HubRequestHandler(BaseHTTPRequestHandler):
-    """HEAD and GET of the resolve and model-info routes; each response closes its connection."""
+    """HEAD and GET of the resolve and API routes, POST of paths-info; each response closes its connection."""
 
     server: "HubServer"
     protocol_version = "HTTP/1.0"
@@ -50,6 +56,18 @@ class HubRequestHandler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802
         self._handle(head=False)
+
+    def do_POST(self) -> None:  # noqa: N802 (paths-info alone)
+        try:
+            segments = [unquote(s) for s in urlsplit(self.path).path.split("/")[1:]]
+            if len(segments) == 6 and segments[:2] == ["api", "models"] and segments[4] == "paths-info":
+                self._paths_info(segments[2], segments[3], segments[5])
+            else:
+                self.send_error_json(404, None, f"Not Found: {self.path}")
+        except HubError as e:
+            self.send_error_json(500, None, str(e))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         if not self.server.quiet:
@@ -84,22 +102,65 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         return False
 
     def _model_info(self, rest: list[str], head: bool) -> None:
-        if len(rest) == 2 or (len(rest) == 4 and rest[2] == "revision"):
-            repo = self._repo(rest[0], rest[1], head)
-            if repo is None or (len(rest) == 4 and not self._revision_ok(repo, rest[3], head)):
-                return
-            body = json.dumps({"id": repo.repo_id, "modelId": repo.repo_id, "sha": repo.commit, "private": False,
-                               "library_name": "hybridnorm-zoo",
-                               "siblings": [{"rfilename": f} for f in repo.filenames]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("X-Repo-Commit", repo.commit)
-            self.end_headers()
-            if not head:
-                self.wfile.write(body)
+        """``/api/models`` (the listing), and per repository: info, ``tree``, ``refs`` and ``commits``."""
+        query = parse_qs(urlsplit(self.path).query)
+        if not rest or rest == [""]:
+            self._list_models(query, head)
             return
-        self.send_error_json(404, None, f"Not Found: {self.path}", head)
+        repo = self._repo(rest[0], rest[1], head) if len(rest) >= 2 else None
+        if len(rest) < 2:
+            self.send_error_json(404, None, f"Not Found: {self.path}", head)
+            return
+        if repo is None:
+            return
+        route, args = (rest[2] if len(rest) > 2 else "revision"), rest[3:]
+        if route in ("revision", "tree", "commits") and args and not self._revision_ok(repo, args[0], head):
+            return
+        if route == "revision" and len(args) <= 1:
+            metadata = query.get("blobs", ["false"])[0].lower() == "true"
+            self.send_json(listing.model_entry(repo, [listing.sibling(e) for e in self._entries(repo)]
+                                               if metadata else None), head, repo)
+        elif route == "tree" and args:
+            folder = "/".join(args[1:]).strip("/")
+            if folder:
+                self.send_error_json(404, "EntryNotFound", f"Entry Not Found: {folder!r} in {repo.repo_id} (its files "
+                                     "are all at the top)", head, repo)
+            else:
+                self.send_json(self._entries(repo), head, repo)
+        elif route == "refs" and not args:
+            self.send_json(listing.refs(repo), head, repo)
+        elif route == "commits" and len(args) == 1:
+            self.send_json(listing.commits(repo), head, repo)
+        else:
+            self.send_error_json(404, None, f"Not Found: {self.path}", head)
+
+    def _entries(self, repo: Repo, names: Optional[list[str]] = None) -> list[dict[str, Any]]:
+        """Tree entries of ``repo``'s files (of ``names`` among them, skipping others, as paths-info does)."""
+        entries = []
+        for name in repo.filenames if names is None else [n for n in names if n in repo.filenames]:
+            path = self.server.file_path(repo, name)
+            if path is not None:
+                entries.append(listing.file_entry(repo, name, path))
+        return entries
+
+    def _list_models(self, query: dict[str, list[str]], head: bool) -> None:
+        search, author = query.get("search", [None])[0], query.get("author", [None])[0]
+        tags = query.get("filter", [])
+        repos = [r for r in (self.server.repo(n) for n in list_repos(self.server.root)) if r is not None]
+        found = [listing.model_entry(r) for r in repos if listing.matches(r, search, author, tags)]
+        limit = query.get("limit", [None])[0]
+        self.send_json(found[:int(limit)] if limit and limit.isdigit() else found, head)
+
+    def _paths_info(self, namespace: str, name: str, revision: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_FORM_BYTES:
+            self.send_error_json(413, None, f"paths-info request of {length} bytes; this hub takes {MAX_FORM_BYTES}")
+            return
+        form = parse_qs(self.rfile.read(length).decode("utf-8", "replace"))
+        repo = self._repo(namespace, name, False)
+        if repo is None or not self._revision_ok(repo, revision, False):
+            return
+        self.send_json(self._entries(repo, form.get("paths", [])), False, repo)
 
     def _resolve(self, namespace: str, name: str, revision: str, filename: str, head: bool) -> None:
         repo = self._repo(namespace, name, head)
@@ -142,6 +203,17 @@ class HubRequestHandler(BaseHTTPRequestHandler):
                 self.send_body(f, length, filename)
 
     # -- output ----------------------------------------------------------------------------
+    def send_json(self, data: Any, head: bool, repo: Optional[Repo] = None) -> None:
+        body = json.dumps(data).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        if repo is not None:
+            self.send_header("X-Repo-Commit", repo.commit)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
     def send_body(self, f: BinaryIO, length: int, filename: str) -> None:
         """Send ``length`` bytes of ``f``, from its position, to the client (tests override this to drop or
         slow it). ``socket.sendfile`` hands the copy to the kernel (``os.sendfile``: page cache to socket,
