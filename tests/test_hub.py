@@ -920,3 +920,30 @@ def test_a_plain_huggingface_hub_client_lists_and_snapshots_a_zoo_hub(published,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
         assert sorted(p.name for p in (tmp_path / "local").iterdir() if not p.name.startswith(".")) == names
+
+
+def test_serve_survives_huge_ranges_and_closes_idle_connections(published, tmp_path):
+    """A 5,000-digit Range gets 416 and the server stays up; 300 connections that never send a request do not
+    stop a pull, and the idle timeout closes them, so their threads end."""
+    import socket
+    with serve_background(published.dir, idle_timeout=2.0) as url:
+        file_url = f"{url}/zoo/{NAME}/resolve/main/config.yaml"
+        request = urllib.request.Request(file_url, headers={"Range": f"bytes={'9' * 5000}-"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 416
+        baseline = threading.active_count()
+        host, port = url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port))) for _ in range(300)]
+        try:
+            assert urllib.request.urlopen(file_url, timeout=10).read() == (published.folder / "config.yaml").read_bytes()
+            folder = hub.pull(NAME, endpoint=url)
+            assert (Path(folder) / "model.safetensors").read_bytes() == (published.folder / "model.safetensors").read_bytes()
+            deadline = time.time() + 30
+            while threading.active_count() > baseline + 2 and time.time() < deadline:
+                time.sleep(0.2)
+            assert threading.active_count() <= baseline + 2  # every idle connection's thread has ended
+            assert all(s.recv(1) == b"" for s in idle)  # and the server closed each of them
+        finally:
+            for s in idle:
+                s.close()

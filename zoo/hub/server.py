@@ -42,6 +42,8 @@ from .protocol import NAMESPACE, HubError, Repo, check_filename, list_repos, rea
 HOST = "127.0.0.1"
 LFS_SUFFIXES = listing.LFS_SUFFIXES
 MAX_FORM_BYTES = 1 << 20  # a paths-info request body
+MAX_RANGE_DIGITS = 20     # a Range bound past 10^20 bytes is unsatisfiable
+IDLE_TIMEOUT = 30.0       # seconds a connection may send nothing before it is closed
 
 
 class HubRequestHandler(BaseHTTPRequestHandler):
@@ -50,6 +52,10 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     server: "HubServer"
     protocol_version = "HTTP/1.0"
     server_version = "zoo-hub"
+
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # a silent or half-sent request frees its thread after this long
+        super().setup()
 
     def do_HEAD(self) -> None:  # noqa: N802 (http.server's naming)
         self._handle(head=True)
@@ -243,6 +249,8 @@ def parse_range(value: str, size: int) -> Union[None, str, tuple[int, int]]:
     m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", value)
     if not m or (not m.group(1) and not m.group(2)):
         return None  # several ranges or another unit: RFC 9110 lets a server ignore the header
+    if max(len(m.group(1)), len(m.group(2))) > MAX_RANGE_DIGITS:
+        return "unsatisfiable"  # no file has that many bytes (and int() of thousands of digits is refused)
     if not m.group(1):
         suffix = int(m.group(2))
         if suffix == 0 or size == 0:
@@ -259,10 +267,12 @@ class HubServer(ThreadingHTTPServer):
     """The HTTP server of ``zoo serve``: loopback only; reads DIR afresh on every request."""
 
     daemon_threads = True
+    request_queue_size = 512  # the listen backlog: a burst of clients waits to be accepted, not to retry SYNs
 
     def __init__(self, root: Union[str, Path], port: int = 0, *, handler: type[HubRequestHandler] = HubRequestHandler,
-                 quiet: bool = False, host: str = HOST):
+                 quiet: bool = False, host: str = HOST, idle_timeout: float = IDLE_TIMEOUT):
         root = Path(root)
+        self.idle_timeout = idle_timeout
         if not root.is_dir():
             raise HubError(f"cannot serve {root}: not a folder (publish variants into one with `zoo publish NAME --to DIR`)")
         if not isinstance(port, int) or not 0 <= port <= 65535:
@@ -302,9 +312,9 @@ class HubServer(ThreadingHTTPServer):
 
 @contextmanager
 def serve_background(root: Union[str, Path], port: int = 0, *, handler: type[HubRequestHandler] = HubRequestHandler,
-                     quiet: bool = True) -> Iterator[str]:
+                     quiet: bool = True, idle_timeout: float = IDLE_TIMEOUT) -> Iterator[str]:
     """``with serve_background(DIR) as url:`` serves DIR on loopback in a thread until the block ends."""
-    server = HubServer(root, port, handler=handler, quiet=quiet)
+    server = HubServer(root, port, handler=handler, quiet=quiet, idle_timeout=idle_timeout)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
                               name=f"zoo-hub {server.url}")
     thread.start()
