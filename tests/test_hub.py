@@ -947,3 +947,29 @@ def test_serve_survives_huge_ranges_and_closes_idle_connections(published, tmp_p
         finally:
             for s in idle:
                 s.close()
+
+
+class Trickling(HubRequestHandler):
+    """Sends the weights one byte at a time, every 50 ms: never silent, never done."""
+
+    def send_body(self, f, length, filename):
+        if not filename.endswith(".safetensors"):
+            return super().send_body(f, length, filename)
+        for _ in range(length):
+            self.wfile.write(f.read(1))
+            self.wfile.flush()
+            time.sleep(0.05)
+
+
+def test_a_trickling_server_fails_the_pull_within_its_deadline(published, monkeypatch):
+    """Bytes keep coming, so no read times out; the minimum rate (here 1,000 bytes/s over 1 s) ends it."""
+    monkeypatch.setenv("ZOO_PULL_MIN_RATE", "1000")
+    monkeypatch.setenv("ZOO_PULL_RATE_WINDOW", "1")
+    with serve_background(published.dir, handler=Trickling) as url:
+        started = time.monotonic()
+        with pytest.raises(hub.HubError) as e:
+            hub.pull(NAME, endpoint=url, index=published.index)
+        took = time.monotonic() - started
+    assert f"downloading zoo/{NAME}/model.safetensors from {url} was too slow: the server sent" in str(e.value)
+    assert "below the minimum 1,000 bytes/s (ZOO_PULL_MIN_RATE" in str(e.value)
+    assert took < 5, took

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Optional, Protocol
 
 from .protocol import HubError
-from .transfer import TruncatedError
+from .transfer import TooSlowError, TruncatedError
 
 
 class PullSite(Protocol):
@@ -55,6 +55,8 @@ def explain(pull: PullSite, e: Exception, filename: str, revision: str) -> Optio
         reason = first_line(e.reason) if isinstance(e.reason, BaseException) else str(e.reason)
         return HubError(f"cannot reach the hub at {pull.where} ({reason}) and {what} is not cached; check "
                         "--endpoint / ZOO_ENDPOINT (`zoo serve DIR` starts a hub), or unset both to use the embedded hub")
+    if isinstance(e, TooSlowError):
+        return HubError(f"downloading {what} from {pull.where} was too slow: {e}")
     if isinstance(e, TruncatedError):
         return HubError(f"downloading {what} from {pull.where} broke off: {e}; run the pull again")
     if isinstance(e, hf.HFValidationError):

@@ -28,6 +28,7 @@ import re
 import select
 import shutil
 import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -45,6 +46,20 @@ HASH_STEP = 8 << 20  # bytes the sha256 thread takes at a time (BLAKE3 takes eac
 PIPE_SIZE = 1 << 20
 RETRIES = 3  # resumes within one call, each after a broken connection that had made progress
 TIMEOUT = 10.0  # seconds without data before giving up, as huggingface_hub's download timeout
+MIN_RATE = 10_000.0  # bytes/s a transfer must keep up, averaged over RATE_WINDOW (ZOO_PULL_MIN_RATE)
+RATE_WINDOW = 30.0  # seconds (ZOO_PULL_RATE_WINDOW)
+
+
+def rate_limits() -> tuple[float, float]:
+    """(minimum bytes/s, window in seconds) for transfers: the defaults, or ZOO_PULL_MIN_RATE and
+    ZOO_PULL_RATE_WINDOW (0 turns the check off)."""
+    def number(name: str, default: float) -> float:
+        text = os.environ.get(name)
+        try:
+            return default if text is None else float(text)
+        except ValueError:
+            raise HubError(f"{name}={text!r} is not a number") from None
+    return number("ZOO_PULL_MIN_RATE", MIN_RATE), number("ZOO_PULL_RATE_WINDOW", RATE_WINDOW)
 
 
 class ChecksumError(HubError):
@@ -57,6 +72,10 @@ class ChecksumError(HubError):
 
 class TruncatedError(ConnectionError):
     """The connection closed before the whole body arrived; the bytes received are kept for a resume."""
+
+
+class TooSlowError(HubError):
+    """The server kept sending, but below the minimum rate: a trickle that would take forever."""
 
 
 class Cancelled(Exception):
@@ -148,9 +167,12 @@ class _Download:
         self.got = self.fed = self.shown = self.start = os.fstat(self.fd).st_size
         self.hasher: Optional[_Hasher] = None  # started for the first body that is not small
         self.small_hash: Any = None  # a small body's hash (of the whole part), computed in this thread
+        self.min_rate, self.window = rate_limits()
+        self.window_start, self.window_got = time.monotonic(), self.got
 
     def advance(self, got: int) -> None:
         self.got = got
+        self._pace()
         if self.hasher is not None and got - self.fed >= self.hasher.step:
             self.hasher.feed(got)
             self.fed = got
@@ -159,6 +181,20 @@ class _Download:
             self.shown = got
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled(f"stopped after {got} bytes, which are kept in {self.part} for the next pull to resume")
+
+    def _pace(self) -> None:
+        """Fail a transfer that has stayed below ``min_rate`` over a whole ``window``."""
+        if self.min_rate <= 0 or self.window <= 0:
+            return
+        elapsed = time.monotonic() - self.window_start
+        if elapsed < self.window:
+            return
+        received = self.got - self.window_got
+        if received < self.min_rate * elapsed:
+            raise TooSlowError(f"the server sent {received:,} bytes in the last {elapsed:.0f} s, below the minimum "
+                               f"{self.min_rate:,.0f} bytes/s (ZOO_PULL_MIN_RATE, over ZOO_PULL_RATE_WINDOW="
+                               f"{self.window:g} s); {self.got:,} bytes are kept in {self.part} for the next pull")
+        self.window_start, self.window_got = time.monotonic(), self.got
 
     def digest(self) -> str:
         """The digest of the part's ``got`` bytes."""
@@ -222,9 +258,9 @@ class _Download:
         it resumes, and written, all in this thread."""
         os.lseek(self.fd, 0, os.SEEK_SET)
         self.small_hash = new_hash(self.algorithm, os.read(self.fd, self.got) if self.got else b"")
-        body = r.read(end - self.got)  # http.client: returns what arrived if the connection closed early
-        self.small_hash.update(body)
-        self._write(body)
+        while self.got < end and (body := r.read1(end - self.got)):  # as it arrives, so the rate is watched
+            self.small_hash.update(body)
+            self._write(body)
 
     def _write(self, data: Union[bytes, memoryview]) -> None:
         view = memoryview(data)
