@@ -973,3 +973,42 @@ def test_a_trickling_server_fails_the_pull_within_its_deadline(published, monkey
     assert f"downloading zoo/{NAME}/model.safetensors from {url} was too slow: the server sent" in str(e.value)
     assert "below the minimum 1,000 bytes/s (ZOO_PULL_MIN_RATE" in str(e.value)
     assert took < 5, took
+
+
+class HalfThenHold(HubRequestHandler):
+    """Sends the first half of the weights, then holds the connection open."""
+
+    half_sent = threading.Event()
+
+    def send_body(self, f, length, filename):
+        if filename != "model.safetensors":
+            return super().send_body(f, length, filename)
+        self.wfile.write(f.read(length // 2))
+        self.wfile.flush()
+        HalfThenHold.half_sent.set()
+        time.sleep(20)
+
+
+def test_a_killed_pull_resumes_with_only_the_missing_bytes(published, hf_home, tmp_path):
+    """SIGKILL during the weights' transfer: the part file holds exactly the bytes that arrived (it is not
+    pre-sized), and the next pull asks for the rest with one Range request."""
+    data = (published.folder / "model.safetensors").read_bytes()
+    half = len(data) // 2
+    part = hf_home / "hub" / f"models--zoo--{NAME}" / "blobs" / f"{published.files['model.safetensors']}.incomplete"
+    HalfThenHold.half_sent.clear()
+    with serve_background(published.dir, handler=HalfThenHold) as url:
+        code = f"from zoo import hub; hub.pull({NAME!r}, endpoint={url!r}, index={str(published.index)!r})"
+        proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "HF_HOME": str(hf_home)})
+        try:
+            assert HalfThenHold.half_sent.wait(60)
+            deadline = time.time() + 20
+            while (not part.exists() or part.stat().st_size < half) and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            proc.kill()
+            proc.wait()
+    assert part.stat().st_size == half and part.read_bytes() == data[:half]
+    Recording.ranges = []
+    with serve_background(published.dir, handler=Recording) as url:
+        assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
+    assert Recording.ranges == [f"bytes={half}-"] and not part.exists()

@@ -5,7 +5,8 @@ BLAKE3 runs several times as fast as sha256 with SIMD, faster than the transfer 
 (a known length of at most 1 MiB, as a model card, a config or ``checksums.sha256``) is read, hashed and
 written in the calling thread: no thread, no mmap. A larger one moves with as few copies as the platform
 allows: on Linux over plain ``http`` with a known length, ``os.splice`` socket -> pipe -> file inside the
-kernel; otherwise ``readinto`` straight into an mmap of the pre-sized file; with no length (chunked), reads
+kernel, the file growing as bytes land (so a killed pull leaves what arrived, and the next resumes there);
+otherwise ``readinto`` straight into an mmap of the pre-sized file; with no length (chunked), reads
 and writes. The hash reads, through read-only mmaps, what is already on disk, so it costs no second pass
 over the file: BLAKE3 right after each step, while its pages are still in cache; sha256, slower than the
 transfer, in a second thread (hashlib releases the GIL) so that the two overlap.
@@ -244,11 +245,11 @@ class _Download:
                 if end is None:
                     self._copy(r)
                     return
-                os.ftruncate(self.fd, end)
                 if end > start and hasattr(os, "splice") and urlsplit(r.geturl()).scheme == "http":
-                    self._splice(r, end)
+                    self._splice(r, end)  # the part grows as bytes land: after a kill it holds what arrived
                 elif end > start:
-                    self._readinto(r, end)
+                    os.ftruncate(self.fd, end)  # the map needs the full size (a kill leaves it, and the next pull
+                    self._readinto(r, end)      # starts over: 416 to its Range)
             if self.got < end:
                 raise TruncatedError(f"the connection closed after {self.got} of {end} bytes, which are kept in "
                                      f"{self.part} for the next pull to resume")
