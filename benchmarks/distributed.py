@@ -33,7 +33,7 @@ def worker(name: str, split: str, steps: int, batch: int, seq: int, out: Path) -
     from zoo.distributed.layout import Layout
     from zoo.distributed.memory import rank_bytes
     from zoo.distributed.parallelize import parallelize
-    from zoo.distributed.world import init_distributed, rank_and_world
+    from zoo.distributed.world import close_process_group, init_distributed, rank_and_world
     from zoo.train.optim import make_optimizer
     from zoo.train.trainer import TrainConfig
 
@@ -80,8 +80,7 @@ def worker(name: str, split: str, steps: int, batch: int, seq: int, out: Path) -
     if rank == 0:
         record["state_mb_max_rank"] = max(r["state_mb"] for r in gathered)
         out.write_text(json.dumps(record))
-    if world > 1:
-        dist.destroy_process_group()
+    close_process_group()
 
 
 def main() -> None:

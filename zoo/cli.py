@@ -167,19 +167,23 @@ def _run_to_train(args: argparse.Namespace) -> tuple[Any, Path, Optional[str]]:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .distributed.world import init_distributed
+    from .distributed.world import close_process_group, init_distributed
     from .train.trainer import DIVERGED_EXIT, TRAIN_CONFIG_NAME, DivergenceError, TrainConfig, train
     model, out, variant = _run_to_train(args)
     base = TrainConfig.of_run(out) if args.resume and (out / TRAIN_CONFIG_NAME).exists() else None
     tc = _train_config(args, base)
     joined = init_distributed(tc.dist_timeout)
+    finished = False
     try:
         result = train(model, args.set or None, tc, out_dir=out, resume=args.resume, variant=variant)
+        finished = True
     except DivergenceError as e:
         print(f"zoo: error: {e}", file=sys.stderr)
         return DIVERGED_EXIT
     finally:
-        if joined:
+        if joined and finished:
+            close_process_group()  # waits for every rank: only when none failed
+        elif joined:
             import torch.distributed as dist
             dist.destroy_process_group()
     val = f", validation loss {result.final_val_loss:.4f}" if result.final_val_loss is not None else ""

@@ -5,12 +5,11 @@ Usage: dcp_state.py OUT RUN NAME ZOO_TRAIN_OPTIONS..."""
 import sys
 
 import torch
-import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
 from zoo.cli import _train_config, build_parser
-from zoo.distributed.world import init_distributed, rank_and_world
+from zoo.distributed.world import close_process_group, init_distributed, rank_and_world
 from zoo.train.trainer import Trainer
 
 out, run, name, *rest = sys.argv[1:]
@@ -26,4 +25,4 @@ if rank_and_world()[0] == 0:
         for key, value in state.items():
             tensors[f"optim.{fqn}.{key}"] = torch.as_tensor(value).contiguous()
     save_file({k: v.contiguous() for k, v in tensors.items()}, out)
-dist.destroy_process_group()
+close_process_group()

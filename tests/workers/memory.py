@@ -7,13 +7,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
-
 from zoo.builder import empty_model
 from zoo.cli import _train_config, build_parser
 from zoo.distributed.memory import allocation_peak, rank_bytes
 from zoo.distributed.parallelize import parallelize
-from zoo.distributed.world import init_distributed, rank_and_world
+from zoo.distributed.world import close_process_group, init_distributed, rank_and_world
 from zoo.train.trainer import Trainer
 
 out, name, *rest = sys.argv[1:]
@@ -28,4 +26,4 @@ record = {**rank_bytes(trainer.model, trainer.opt), "init_peak": init_peak,
 rank, world = rank_and_world()
 Path(f"{out}.{rank}").write_text(json.dumps(record))
 if joined:
-    dist.destroy_process_group()
+    close_process_group()

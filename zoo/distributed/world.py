@@ -42,6 +42,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def close_process_group() -> None:
+    """Leave the process group once every rank is done: a rank that tears gloo down while another still
+    talks to it can abort ("terminate called without an active exception")."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     _, world = rank_and_world()
     if world > 1:
