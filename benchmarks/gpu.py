@@ -37,11 +37,16 @@ GROUPED_GEMM = "grouped_gemm==0.3.0"
 TOLERANCE = {torch.bfloat16: 2e-2, torch.float32: 1e-5}
 
 
+def zoo_requirements() -> list[str]:
+    """The installed zoo's own requirements, less torch (the GPU machine has its own) and the extras."""
+    requirements = [r.split(";")[0].strip() for r in metadata.requires("hybridnorm-zoo") or [] if "extra ==" not in r]
+    return [r for r in requirements if not r.startswith("torch")]
+
+
 def prepare(folder: Path) -> None:
     """Download grouped_gemm's sdist and wheels of the zoo's requirements into ``folder``."""
     folder.mkdir(parents=True, exist_ok=True)
-    requirements = [r.split(";")[0].strip() for r in metadata.requires("hybridnorm-zoo") or [] if "extra ==" not in r]
-    requirements = [r for r in requirements if not r.startswith("torch")]
+    requirements = zoo_requirements()
     pip = [sys.executable, "-m", "pip", "download", "-d", str(folder)]
     subprocess.run([*pip, "--no-deps", "--no-binary", ":all:", GROUPED_GEMM], check=True)
     subprocess.run([*pip, "--only-binary", ":all:", *requirements], check=True)
@@ -53,8 +58,7 @@ def install(folder: Path) -> None:
     base = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(folder)]
     subprocess.run([*base, "--no-deps", "--no-build-isolation", GROUPED_GEMM], check=True)
     subprocess.run([*base, "--no-deps", "--no-build-isolation", "-e", str(Path(__file__).resolve().parents[1])], check=True)
-    requirements = [r.split(";")[0].strip() for r in metadata.requires("hybridnorm-zoo") or [] if "extra ==" not in r]
-    subprocess.run([*base, *[r for r in requirements if not r.startswith("torch")]], check=True)
+    subprocess.run([*base, *zoo_requirements()], check=True)
 
 
 def reference_gmm(a: torch.Tensor, b: torch.Tensor, batch_sizes: torch.Tensor, trans_b: bool = False) -> torch.Tensor:

@@ -82,17 +82,13 @@ def load(folder: Path, model: nn.Module, opt: torch.optim.Optimizer, rank: int) 
     return json.loads((where / RUN_STATE).read_text())
 
 
-def load_full_model(folder: Path, model: nn.Module) -> Path:
-    """Fill an unsharded ``model`` (one process, no process group) with the last checkpoint's weights."""
-    where = latest(folder)
-    if where is None:
-        raise ZooError(f"no sharded checkpoint in {folder}: is this the run folder of a zoo train --dp-shard/--ep run?")
+def load_full_model(where: Path, model: nn.Module) -> None:
+    """Fill an unsharded ``model`` (one process, no process group) with the weights of the checkpoint ``where``."""
     state = model.state_dict()
     with warnings.catch_warnings():  # that it loads in one process, which it means to
         warnings.simplefilter("ignore")
         dcp.load({"model": state}, checkpoint_id=str(where), no_dist=True)
     model.load_state_dict(state)
-    return where
 
 
 def export(run: Union[str, Path], out: Optional[Union[str, Path]] = None) -> Path:
@@ -113,7 +109,7 @@ def export(run: Union[str, Path], out: Optional[Union[str, Path]] = None) -> Pat
     saved = dcp.FileSystemReader(str(where)).read_metadata().state_dict_metadata
     dtype = next(m.properties.dtype for k, m in saved.items() if k.startswith("model.") and hasattr(m, "properties"))
     model = empty_model(cfg, variant).to(dtype).to_empty(device="cpu")
-    load_full_model(folder, model)
+    load_full_model(where, model)
     target = Path(out) if out is not None else run / CHECKPOINT_DIR / WEIGHTS_NAME
     save_checkpoint(model, target, variant=variant)
     return target

@@ -27,12 +27,10 @@ from .world import ensure_process_group, sum_over_ranks
 @dataclass
 class Parallel:
     """``model``: the plain model, its weights sharded under ``fsdp``; ``forward``: what to call for a
-    training step (DDP's wrapper, or the model); ``meshes``: the ``fsdp`` layout's meshes, else None."""
+    training step (DDP's wrapper, or the model)."""
 
     model: ZooModel
     forward: nn.Module
-    layout: Layout
-    meshes: Optional[Meshes] = None
 
 
 def parallelize(cfg: ModelConfig, layout: Layout, *, device: torch.device, precision: str = "fp32", ac: str = "none",
@@ -46,7 +44,7 @@ def parallelize(cfg: ModelConfig, layout: Layout, *, device: torch.device, preci
         apply_activation_checkpointing(model.blocks, ac)
         _count_globally(model, layout)
         forward = nn.parallel.DistributedDataParallel(model) if layout.world > 1 else model
-        return Parallel(model, forward, layout)
+        return Parallel(model, forward)
     layout.check_model(cfg.moe.num_experts if cfg.is_moe else None)
     ensure_process_group(device.type)
     meshes = Meshes(layout, device.type)
@@ -62,7 +60,7 @@ def parallelize(cfg: ModelConfig, layout: Layout, *, device: torch.device, preci
     divide_gradients(model, alone_names, float(layout.world))
     init_sharded(model)
     _count_globally(model, layout)
-    return Parallel(model, model, layout, meshes)
+    return Parallel(model, model)
 
 
 def _count_globally(model: nn.Module, layout: Layout) -> None:

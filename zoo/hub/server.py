@@ -64,16 +64,7 @@ class HubRequestHandler(BaseHTTPRequestHandler):
         self._handle(head=False)
 
     def do_POST(self) -> None:  # noqa: N802 (paths-info alone)
-        try:
-            segments = [unquote(s) for s in urlsplit(self.path).path.split("/")[1:]]
-            if len(segments) == 6 and segments[:2] == ["api", "models"] and segments[4] == "paths-info":
-                self._paths_info(segments[2], segments[3], segments[5])
-            else:
-                self.send_error_json(404, None, f"Not Found: {self.path}")
-        except HubError as e:
-            self.send_error_json(500, None, str(e))
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        self._handle(head=False)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         if not self.server.quiet:
@@ -83,7 +74,12 @@ class HubRequestHandler(BaseHTTPRequestHandler):
     def _handle(self, head: bool) -> None:
         try:
             segments = [unquote(s) for s in urlsplit(self.path).path.split("/")[1:]]
-            if segments[:2] == ["api", "models"]:
+            if self.command == "POST":
+                if len(segments) == 6 and segments[:2] == ["api", "models"] and segments[4] == "paths-info":
+                    self._paths_info(segments[2], segments[3], segments[5])
+                else:
+                    self.send_error_json(404, None, f"Not Found: {self.path}")
+            elif segments[:2] == ["api", "models"]:
                 self._model_info(segments[2:], head)
             elif len(segments) >= 5 and segments[2] == "resolve":
                 self._resolve(segments[0], segments[1], segments[3], "/".join(segments[4:]), head)

@@ -351,18 +351,21 @@ class Trainer:
             probe.close()
             if bar:
                 bar.close()
-        result = TrainResult(self.out, state.step, self.last_loss, self.val_loss,
-                             state.tokens / max(state.wall, 1e-9) * self.world, self.metrics_path)
+        result = TrainResult(self.out, state.step, self.last_loss, self.val_loss, self.tokens_per_s, self.metrics_path)
         if self.rank == 0:
             self._write_summary(None)
         return result
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.state.tokens / max(self.state.wall, 1e-9) * self.world
 
     def _write_summary(self, diverged: Optional[dict[str, Any]]) -> None:
         """``summary.json``: the run's totals, and ``diverged`` (step and message) when it diverged."""
         state = self.state
         write_json(self.out / "summary.json", {
             "steps": state.step, "tokens": state.tokens, "wall": state.wall, "final_train_loss": self.last_loss,
-            "final_val_loss": self.val_loss, "tokens_per_s": state.tokens / max(state.wall, 1e-9) * self.world,
+            "final_val_loss": self.val_loss, "tokens_per_s": self.tokens_per_s,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "diverged": diverged})
 
 
