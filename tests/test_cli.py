@@ -190,6 +190,10 @@ BAD_INPUTS = {
     "publish-to-file": (["publish", "tiny-dense-hybridnorm", "--to", "{file}"], "is a file; give the folder"),
     "overlap": (["eval", "{overlap}"], "overlap in the data"),
     "escape": (["eval", "{escape}"], "which is not a file beside the index"),
+    "serve-connections": (["serve", "{tmp}", "--port", "0", "--max-connections", "0"],
+                          "invalid --max-connections 0: it must be at least 1"),
+    "serve-idle": (["serve", "{tmp}", "--port", "0", "--idle-timeout", "-1"],
+                   "invalid --idle-timeout -1.0: it must be a positive number of seconds"),
 }
 
 
@@ -199,7 +203,7 @@ def test_bad_inputs_exit_2_with_one_line(case, tmp_path, capsys, monkeypatch):
     this process through the CLI's entry point; test_errors_are_one_line_without_traceback covers the script)."""
     import zoo.cli
     args, message = BAD_INPUTS[case]
-    paths = {"file": tmp_path / "a-file", **(_broken_checkpoints(tmp_path) if case in ("overlap", "escape") else {})}
+    paths = {"file": tmp_path / "a-file", "tmp": tmp_path, **(_broken_checkpoints(tmp_path) if case in ("overlap", "escape") else {})}
     paths["file"].write_text("")
     argv = [a.format(**paths) for a in args]
     monkeypatch.chdir(tmp_path)

@@ -81,8 +81,8 @@ def mismatch(url: str, filename: str, want: str, got: str, algorithm: str = "bla
 
 
 def use_transfer(kind: str, monkeypatch) -> type[HubRequestHandler]:
-    """Steer the zoo's transfer onto one of its paths: 'splice' (Linux, plain http), 'readinto' (into an mmap,
-    as over https or without os.splice) or 'unsized' (no Content-Length: plain reads); returns the handler."""
+    """Steer the zoo's transfer onto one of its paths: 'splice' (Linux, plain http), 'readinto' (a buffer, then a
+    write, as over https or without os.splice) or 'unsized' (no Content-Length: plain reads); returns the handler."""
     if kind != "splice":
         monkeypatch.delattr(os, "splice", raising=False)
     return NoLength if kind == "unsized" else HubRequestHandler
@@ -367,18 +367,19 @@ class HoldWeights(HubRequestHandler):
 
 def test_an_indexed_pull_checks_blake3_and_a_third_party_one_sha256(published, hf_home, monkeypatch):
     """Each file is hashed once, on the way in: with the index's BLAKE3 digests where it has them, else with the
-    sha256 of the checksums.sha256 served (which, fetched by huggingface_hub, is the reference there)."""
+    sha256 of the checksums.sha256 served, itself checked against the sha256 its ETag gives."""
     from zoo.hub import transfer as hub_transfer
     used = []
     real = hub_transfer.new_hash
-    monkeypatch.setattr(hub_transfer, "new_hash", lambda algorithm, data=b"": used.append(algorithm) or real(algorithm, data))
+    monkeypatch.setattr(hub_transfer, "new_hash",
+                        lambda algorithm, data=b"", size=None: used.append(algorithm) or real(algorithm, data, size))
     with serve_background(published.dir) as url:
         assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
         assert used == ["blake3"] * 4
         shutil.rmtree(hf_home / "hub")
         used.clear()
         assert_pulled(hub.pull(NAME, endpoint=url, index={}), published, hf_home)
-        assert used == ["sha256"] * 3
+        assert used == ["sha256"] * 4
 
 
 def test_a_pull_fetches_its_files_at_once(published, hf_home):
@@ -547,7 +548,8 @@ def test_a_truncated_download_fails_clearly_and_the_next_pull_resumes_it(publish
     assert str(e.value) == (f"downloading zoo/{NAME}/model.safetensors from {url} broke off: the connection closed "
                             f"after {sent} of {len(data)} bytes, which are kept in {part} for the next pull to resume; "
                             "run the pull again")
-    assert Recording.ranges == [None, f"bytes={sent}-"]  # retried in the call; the second answer brought nothing
+    from zoo.hub.transfer import RETRIES
+    assert Recording.ranges == [None] + [f"bytes={sent}-"] * RETRIES  # asked again in the call; nothing more came
     assert part.read_bytes() == data[:sent]
     assert not os.path.lexists(snapshot_of(hf_home) / published.commit / "model.safetensors")
     Recording.ranges = []
@@ -949,32 +951,6 @@ def test_serve_survives_huge_ranges_and_closes_idle_connections(published, tmp_p
                 s.close()
 
 
-class Trickling(HubRequestHandler):
-    """Sends the weights one byte at a time, every 50 ms: never silent, never done."""
-
-    def send_body(self, f, length, filename):
-        if not filename.endswith(".safetensors"):
-            return super().send_body(f, length, filename)
-        for _ in range(length):
-            self.wfile.write(f.read(1))
-            self.wfile.flush()
-            time.sleep(0.05)
-
-
-def test_a_trickling_server_fails_the_pull_within_its_deadline(published, monkeypatch):
-    """Bytes keep coming, so no read times out; the minimum rate (here 1,000 bytes/s over 1 s) ends it."""
-    monkeypatch.setenv("ZOO_PULL_MIN_RATE", "1000")
-    monkeypatch.setenv("ZOO_PULL_RATE_WINDOW", "1")
-    with serve_background(published.dir, handler=Trickling) as url:
-        started = time.monotonic()
-        with pytest.raises(hub.HubError) as e:
-            hub.pull(NAME, endpoint=url, index=published.index)
-        took = time.monotonic() - started
-    assert f"downloading zoo/{NAME}/model.safetensors from {url} was too slow: the server sent" in str(e.value)
-    assert "below the minimum 1,000 bytes/s (ZOO_PULL_MIN_RATE" in str(e.value)
-    assert took < 5, took
-
-
 class HalfThenHold(HubRequestHandler):
     """Sends the first half of the weights, then holds the connection open."""
 
@@ -989,15 +965,17 @@ class HalfThenHold(HubRequestHandler):
         time.sleep(20)
 
 
-def test_a_killed_pull_resumes_with_only_the_missing_bytes(published, hf_home, tmp_path):
+@pytest.mark.parametrize("kind", ["splice", "readinto"])
+def test_a_killed_pull_resumes_with_only_the_missing_bytes(published, hf_home, tmp_path, monkeypatch, kind):
     """SIGKILL during the weights' transfer: the part file holds exactly the bytes that arrived (it is not
-    pre-sized), and the next pull asks for the rest with one Range request."""
+    pre-sized, on either path), and the next pull asks for the rest with one Range request."""
     data = (published.folder / "model.safetensors").read_bytes()
     half = len(data) // 2
     part = hf_home / "hub" / f"models--zoo--{NAME}" / "blobs" / f"{published.files['model.safetensors']}.incomplete"
     HalfThenHold.half_sent.clear()
     with serve_background(published.dir, handler=HalfThenHold) as url:
-        code = f"from zoo import hub; hub.pull({NAME!r}, endpoint={url!r}, index={str(published.index)!r})"
+        code = ("import os; os.__dict__.pop('splice', None); " if kind != "splice" else "") + \
+            f"from zoo import hub; hub.pull({NAME!r}, endpoint={url!r}, index={str(published.index)!r})"
         proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "HF_HOME": str(hf_home)})
         try:
             assert HalfThenHold.half_sent.wait(60)
@@ -1009,6 +987,7 @@ def test_a_killed_pull_resumes_with_only_the_missing_bytes(published, hf_home, t
             proc.wait()
     assert part.stat().st_size == half and part.read_bytes() == data[:half]
     Recording.ranges = []
+    use_transfer(kind, monkeypatch)
     with serve_background(published.dir, handler=Recording) as url:
         assert_pulled(hub.pull(NAME, endpoint=url, index=published.index), published, hf_home)
     assert Recording.ranges == [f"bytes={half}-"] and not part.exists()

@@ -421,7 +421,8 @@ def _publish_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .hub import serve
     try:
-        serve(args.dir, args.port, quiet=args.quiet)
+        serve(args.dir, args.port, quiet=args.quiet, idle_timeout=args.idle_timeout,
+              max_connections=args.max_connections)
     except KeyboardInterrupt:
         print("zoo: serve stopped", file=sys.stderr)
     return 0
@@ -431,6 +432,11 @@ def _serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR", help="a folder written by `zoo publish NAME --to DIR`")
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (default: 8765; 0 takes any free one)")
     p.add_argument("--quiet", action="store_true", help="do not log each request to stderr")
+    p.add_argument("--idle-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="close a connection that sends nothing for this long (default: 30)")
+    p.add_argument("--max-connections", type=int, default=512, metavar="N",
+                   help="connections served at once, one thread each; more are answered 503 with Retry-After "
+                   "(default: 512)")
 
 
 def cmd_pull(args: argparse.Namespace) -> int:

@@ -6,14 +6,16 @@ from a hub endpoint over HTTP (``zoo serve`` or any HF-compatible hub), or strai
 the zoo's embedded hub on disk. For a variant the index pins (its commit and every file's sha256 known,
 ``checksums.sha256``'s too), every file is fetched at the pinned commit with no request to the hub
 before it. For other variants, and for another revision than the pinned one, the revision is resolved
-first (over HTTP by ``huggingface_hub.hf_hub_download``, which writes ``refs/``) and its
-``checksums.sha256`` fetched. Files come at once (a few threads, the weights first; when one fails the
+first (huggingface_hub's metadata request, or, when the hub is down, the ``refs/`` the cache recorded) and
+its ``checksums.sha256`` fetched, checked against the ETag the hub sent and parsed strictly before it is
+kept. Files come at once (a few threads, the weights first; when one fails the
 others stop, keeping their bytes for a resume), hashed while they arrive (zoo/hub/transfer.py).
 
 No file is used before its digest matched: BLAKE3 where the index records it, else sha256, against
 the index for the variants it lists, otherwise against the served ``checksums.sha256`` (which guards
-against broken transfers and caches, not against a hub that lies: give ``index=`` for that). A file
-that does not match is deleted from the cache and the pull fails naming it. The endpoint is
+against broken transfers, proxies and caches, not against a hub that lies: give ``index=`` for that). A
+file that does not match is deleted from the cache and the pull fails naming it (and the host that sent it,
+when a redirect made that another one: zoo/hub/transfer.py says which redirects are followed). The endpoint is
 ``endpoint=``, else ``ZOO_ENDPOINT``, else the embedded hub. The user's Hugging Face token is never
 sent to a zoo endpoint.
 """
@@ -31,12 +33,22 @@ from urllib.parse import urlsplit
 from ..version import __version__
 from .errors import explain
 from .index import embedded_hub, load_index
-from .protocol import CHECKSUMS, NAMESPACE, HubError, parse_checksums, read_repo, sha256_file, variant_name
-from .transfer import CacheRepo, Cancelled, ChecksumError, copy_to_cache, download_to_cache, file_digest
+from .protocol import CHECKSUMS, COMMIT_RE, NAMESPACE, HubError, parse_checksums, read_repo, sha256_file, variant_name
+from .transfer import (
+    TIMEOUT,
+    CacheRepo,
+    Cancelled,
+    ChecksumError,
+    copy_to_cache,
+    download_to_cache,
+    download_verified,
+    etag_algorithm,
+    file_digest,
+)
 
 WORKERS = 4  # files of one pull fetched at once
 _REVISION_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]*(/[A-Za-z0-9_][A-Za-z0-9._-]*)*$")
-Bad = list[tuple[str, str, str, str]]  # (file, algorithm, expected, actual) of each mismatch
+Bad = list[tuple[str, str, str, str, str]]  # (file, algorithm, expected, actual, sender) of each mismatch
 
 
 def _is_true(value: Optional[str]) -> bool:
@@ -91,14 +103,74 @@ class _Pull:
         return e if error is None else error
 
     def checksums(self) -> Path:
-        """``checksums.sha256`` of ``self.revision``, in the cache; its snapshot folder's name is the commit."""
-        from huggingface_hub import hf_hub_download
+        """``checksums.sha256`` of ``self.revision`` in the cache (its snapshot folder's name is the commit).
+
+        Resolved as ``hf_hub_download`` resolves it (a HEAD request; when the hub is down or unreachable, the
+        commit the cache recorded for the revision), but downloaded by the zoo's transfer (rate-checked,
+        resumable) and verified against the ETag the hub gave (its sha256, or its git id) before it is kept;
+        a cached copy that does not match its ETag is evicted and fetched again."""
+        from huggingface_hub import errors as hf
+        from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
         try:
-            return Path(hf_hub_download(self.repo_id, CHECKSUMS, revision=self.revision, endpoint=self.endpoint,
-                                        cache_dir=self.cache, local_files_only=self.offline, token=False,
-                                        library_name="hybridnorm-zoo", library_version=__version__))
+            if self.offline:
+                return self._sound(Path(hf_hub_download(self.repo_id, CHECKSUMS, revision=self.revision,
+                                                        cache_dir=self.cache, local_files_only=True)))
+            url = hf_hub_url(self.repo_id, CHECKSUMS, revision=self.revision, endpoint=self.endpoint)
+            try:
+                meta = get_hf_file_metadata(url, token=False, timeout=TIMEOUT, headers=self.headers)
+            except (hf.RepositoryNotFoundError, hf.RevisionNotFoundError, hf.EntryNotFoundError, hf.HFValidationError):
+                raise
+            except Exception as e:  # the hub is down or unreachable: the cache may hold the revision
+                try:
+                    return self._sound(Path(hf_hub_download(self.repo_id, CHECKSUMS, revision=self.revision,
+                                                            cache_dir=self.cache, local_files_only=True)))
+                except hf.LocalEntryNotFoundError as missing:
+                    raise missing from e
+            commit, etag = meta.commit_hash or "", meta.etag or ""
+            if not COMMIT_RE.match(commit) or etag_algorithm(etag) is None:
+                raise HubError(f"{self.where} does not answer like an HF hub for {self.repo_id}/{CHECKSUMS}: commit "
+                               f"{commit or 'missing'}, ETag {etag or 'missing'} (a hub sends a 40-hex X-Repo-Commit "
+                               "and the file's sha256 or git id as ETag)")
+            repo = CacheRepo(self.cache, self.repo_id, commit)
+            if repo.pointer(CHECKSUMS).exists():
+                try:
+                    self._sound(repo.pointer(CHECKSUMS))
+                except ChecksumError:
+                    pass  # evicted: fetched again below
+            at_commit = hf_hub_url(self.repo_id, CHECKSUMS, revision=commit, endpoint=self.endpoint)
+            pointer, _ = repo.place(CHECKSUMS, etag, lambda blob: download_verified(
+                at_commit, blob, etag, algorithm=etag_algorithm(etag), headers=self.headers, progress_desc=CHECKSUMS))
+            repo.record_ref(self.revision)
+            return pointer
+        except (HubError, Cancelled):
+            raise
         except Exception as e:
             raise self._explained(e, CHECKSUMS, self.revision) from None
+
+    def _sound(self, pointer: Path) -> Path:
+        """``pointer`` if its content matches the ETag its blob is named after; else evicted, and an error."""
+        etag = Path(os.path.realpath(pointer)).name
+        algorithm = etag_algorithm(etag)
+        if algorithm is not None and (got := file_digest(pointer, algorithm)) != etag:
+            evict(pointer)
+            raise ChecksumError(f"the cached {self.repo_id}/{pointer.name} is corrupt ({algorithm} {got}, its hub "
+                                f"gave {etag}); it was removed from the cache {self.cache}: pull again", etag, got,
+                                algorithm)
+        return pointer
+
+    def parse(self, sums: Path, commit: str) -> dict[str, str]:
+        """``checksums.sha256`` parsed strictly (UTF-8 ``sha256sum`` lines, plain file names); a copy that does not
+        parse is evicted from the cache, so the next pull fetches it again."""
+        where = f"{self.repo_id}/{CHECKSUMS} (commit {commit}) from {self.where}"
+        try:
+            return parse_checksums(sums.read_bytes().decode("utf-8"), where)
+        except (UnicodeDecodeError, HubError) as e:
+            evict(sums)
+            reason = f"not UTF-8 text (byte {e.start}: {e.object[e.start:e.start + 1]!r})" \
+                if isinstance(e, UnicodeDecodeError) else str(e).removeprefix(where + ", ").removeprefix(where + ": ")
+            raise HubError(f"{where} is not a checksums file: {reason}; it was removed from the cache (a proxy or "
+                           "captive portal may have answered instead of the hub, or its publisher wrote it wrong); "
+                           "pull again once the hub serves it right") from None
 
     def fetch(self, repo: CacheRepo, filename: str, sha256: str, blake3: Optional[str] = None,
               cancel: Optional[threading.Event] = None) -> tuple[Path, bool]:
@@ -140,7 +212,7 @@ class _Pull:
                                    "pass the index that goes with them (index=FILE / --index FILE)")
                 expected, against = dict(entry["files"]), "the zoo's index"
             else:
-                expected = parse_checksums(sums.read_text(), f"{self.repo_id}/{CHECKSUMS} from {self.where}")
+                expected = self.parse(sums, commit)
                 against = f"{CHECKSUMS} of commit {commit}"
             repo = CacheRepo(self.cache, self.repo_id, commit)
             unverified = {CHECKSUMS: sums} if CHECKSUMS in expected else {}
@@ -168,9 +240,7 @@ class _FolderPull(_Pull):
         cached = CacheRepo(self.cache, self.repo_id, repo.commit)
         source = repo.path / CHECKSUMS
         pointer, _ = copy_to_cache(source, cached, CHECKSUMS, sha256_file(source))
-        if self.revision != repo.commit:  # a branch, as hf_hub_download records it for offline use
-            (cached.snapshot.parent.parent / "refs").mkdir(exist_ok=True)
-            (cached.snapshot.parent.parent / "refs" / self.revision).write_text(repo.commit)
+        cached.record_ref(self.revision)
         return pointer
 
     def fetch(self, repo: CacheRepo, filename: str, sha256: str, blake3: Optional[str] = None,
@@ -219,7 +289,7 @@ def fetch_all(pull: _Pull, repo: CacheRepo, files: dict[str, str], fast: dict[st
             raise
     if errors:
         raise errors[next(f for f in order if f in errors)]
-    bad.extend((f, mismatched[f].algorithm, mismatched[f].expected, mismatched[f].actual)
+    bad.extend((f, mismatched[f].algorithm, mismatched[f].expected, mismatched[f].actual, mismatched[f].sender)
                for f in order if f in mismatched)
     return {f: got[f][0] for f in order if f in got and not got[f][1]}
 
@@ -241,14 +311,14 @@ def verify(pull: _Pull, paths: dict[str, Path], expected: dict[str, str], fast: 
         algorithm, want = ("blake3", fast[filename]) if filename in fast else ("sha256", expected[filename])
         got = file_digest(path, algorithm)
         if got != want:
-            bad.append((filename, algorithm, want, got))
+            bad.append((filename, algorithm, want, got, ""))
             evict(path)
     if bad:
-        filename, algorithm, want, got = bad[0]
+        filename, algorithm, want, got, sender = bad[0]
         more = f" (and {len(bad) - 1} more: {', '.join(b[0] for b in bad[1:])})" if len(bad) > 1 else ""
-        raise ChecksumError(f"checksum mismatch for {pull.repo_id}/{filename} from {pull.where}: {against} has "
-                            f"{algorithm} {want}, the download has {got}{more}; the bad file was removed from the cache "
-                            "(the hub or the transfer is corrupt; pull again, or check the hub's files with "
+        raise ChecksumError(f"checksum mismatch for {pull.repo_id}/{filename} from {pull.where}{sender}: {against} "
+                            f"has {algorithm} {want}, the download has {got}{more}; the bad file was removed from the "
+                            "cache (the hub or the transfer is corrupt; pull again, or check the hub's files with "
                             "`sha256sum -c checksums.sha256`)")
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -44,6 +45,7 @@ LFS_SUFFIXES = listing.LFS_SUFFIXES
 MAX_FORM_BYTES = 1 << 20  # a paths-info request body
 MAX_RANGE_DIGITS = 20     # a Range bound past 10^20 bytes is unsatisfiable
 IDLE_TIMEOUT = 30.0       # seconds a connection may send nothing before it is closed
+MAX_CONNECTIONS = 512     # connections served at once (one thread each); more are answered 503 at once
 
 
 class HubRequestHandler(BaseHTTPRequestHandler):
@@ -240,6 +242,23 @@ class HubRequestHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
 
+_BUSY = json.dumps({"error": "too many connections; retry after a second"}).encode()
+
+
+def busy(connection: Any) -> None:
+    """Answer a connection over the limit with ``503`` and ``Retry-After: 1``, without reading its request (what
+    arrived is drained briefly, so that closing does not reset the connection before the answer is read)."""
+    try:
+        connection.settimeout(0.05)
+        connection.sendall(b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 1\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY), _BUSY))
+        connection.shutdown(socket.SHUT_WR)
+        while connection.recv(65536):
+            pass
+    except OSError:
+        pass
+
+
 def parse_range(value: str, size: int) -> Union[None, str, tuple[int, int]]:
     """One ``bytes=`` range -> (first, last) inclusive; None to ignore it (serve it all), or 'unsatisfiable'."""
     m = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", value)
@@ -260,15 +279,27 @@ def parse_range(value: str, size: int) -> Union[None, str, tuple[int, int]]:
 
 
 class HubServer(ThreadingHTTPServer):
-    """The HTTP server of ``zoo serve``: loopback only; reads DIR afresh on every request."""
+    """The HTTP server of ``zoo serve``: loopback only; reads DIR afresh on every request.
+
+    The standard library's threaded server, bounded: a connection idle for ``idle_timeout`` is closed, at most
+    ``max_connections`` are served at once (each holds a thread), and one past that is answered
+    ``503 Service Unavailable`` with ``Retry-After`` straight from the accepting thread, without a thread of its
+    own. (A server library such as waitress bounds the same things, but adds a dependency, and its WSGI
+    interface would lose the kernel ``sendfile`` that sends the weights.)"""
 
     daemon_threads = True
     request_queue_size = 512  # the listen backlog: a burst of clients waits to be accepted, not to retry SYNs
 
     def __init__(self, root: Union[str, Path], port: int = 0, *, handler: type[HubRequestHandler] = HubRequestHandler,
-                 quiet: bool = False, host: str = HOST, idle_timeout: float = IDLE_TIMEOUT):
+                 quiet: bool = False, host: str = HOST, idle_timeout: float = IDLE_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS):
         root = Path(root)
         self.idle_timeout = idle_timeout
+        if not isinstance(max_connections, int) or max_connections < 1:
+            raise HubError(f"invalid --max-connections {max_connections!r}: it must be at least 1")
+        if not 0 < idle_timeout < float("inf"):
+            raise HubError(f"invalid --idle-timeout {idle_timeout!r}: it must be a positive number of seconds")
+        self.slots = threading.BoundedSemaphore(max_connections)
         if not root.is_dir():
             raise HubError(f"cannot serve {root}: not a folder (publish variants into one with `zoo publish NAME --to DIR`)")
         if not isinstance(port, int) or not 0 <= port <= 65535:
@@ -279,6 +310,24 @@ class HubServer(ThreadingHTTPServer):
             super().__init__((host, port), handler)
         except OSError as e:
             raise HubError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port (0 takes any free one)") from None
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection in a thread of its own if a slot is free, else answer 503 at once."""
+        if not self.slots.acquire(blocking=False):
+            busy(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
     @property
     def url(self) -> str:
@@ -308,9 +357,11 @@ class HubServer(ThreadingHTTPServer):
 
 @contextmanager
 def serve_background(root: Union[str, Path], port: int = 0, *, handler: type[HubRequestHandler] = HubRequestHandler,
-                     quiet: bool = True, idle_timeout: float = IDLE_TIMEOUT) -> Iterator[str]:
+                     quiet: bool = True, idle_timeout: float = IDLE_TIMEOUT,
+                     max_connections: int = MAX_CONNECTIONS) -> Iterator[str]:
     """``with serve_background(DIR) as url:`` serves DIR on loopback in a thread until the block ends."""
-    server = HubServer(root, port, handler=handler, quiet=quiet, idle_timeout=idle_timeout)
+    server = HubServer(root, port, handler=handler, quiet=quiet, idle_timeout=idle_timeout,
+                       max_connections=max_connections)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True,
                               name=f"zoo-hub {server.url}")
     thread.start()
@@ -322,10 +373,11 @@ def serve_background(root: Union[str, Path], port: int = 0, *, handler: type[Hub
         thread.join()
 
 
-def serve(root: Union[str, Path], port: int = 0, *, quiet: bool = False,
+def serve(root: Union[str, Path], port: int = 0, *, quiet: bool = False, idle_timeout: float = IDLE_TIMEOUT,
+          max_connections: int = MAX_CONNECTIONS,
           announce: Callable[[str], None] = lambda line: print(line, flush=True)) -> None:
     """Serve DIR on 127.0.0.1 until interrupted (Ctrl-C); the first line announced carries the URL."""
-    server = HubServer(root, port, quiet=quiet)
+    server = HubServer(root, port, quiet=quiet, idle_timeout=idle_timeout, max_connections=max_connections)
     repos = list_repos(server.root)
     listing = ", ".join(repos) if repos else "none yet; `zoo publish NAME --to DIR` adds them"
     announce(f"serving {server.root} at {server.url} (repositories: {listing}); "

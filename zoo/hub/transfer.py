@@ -5,9 +5,9 @@ BLAKE3 runs several times as fast as sha256 with SIMD, faster than the transfer 
 (a known length of at most 1 MiB, as a model card, a config or ``checksums.sha256``) is read, hashed and
 written in the calling thread: no thread, no mmap. A larger one moves with as few copies as the platform
 allows: on Linux over plain ``http`` with a known length, ``os.splice`` socket -> pipe -> file inside the
-kernel, the file growing as bytes land (so a killed pull leaves what arrived, and the next resumes there);
-otherwise ``readinto`` straight into an mmap of the pre-sized file; with no length (chunked), reads
-and writes. The hash reads, through read-only mmaps, what is already on disk, so it costs no second pass
+kernel; otherwise ``readinto`` one reused buffer, then a write. Either way the file grows only as bytes land,
+so a killed pull leaves exactly what arrived and the next one asks for the rest with a ``Range`` request.
+The hash reads, through read-only mmaps, what is already on disk, so it costs no second pass
 over the file: BLAKE3 right after each step, while its pages are still in cache; sha256, slower than the
 transfer, in a second thread (hashlib releases the GIL) so that the two overlap.
 
@@ -39,16 +39,18 @@ from urllib.parse import urlsplit
 from blake3 import blake3
 from filelock import FileLock
 
+from ..files import write_text
 from .protocol import HubError, sha256_file
 
 STEP = 1 << 20  # bytes per splice / readinto, and per progress-bar update
 SMALL = 1 << 20  # a body of at most this many bytes (the whole file) is read, hashed and written at once
 HASH_STEP = 8 << 20  # bytes the sha256 thread takes at a time (BLAKE3 takes each STEP as it lands)
 PIPE_SIZE = 1 << 20
-RETRIES = 3  # resumes within one call, each after a broken connection that had made progress
+RETRIES = 3  # requests again within one call: after a broken connection, or a busy server's Retry-After
 TIMEOUT = 10.0  # seconds without data before giving up, as huggingface_hub's download timeout
 MIN_RATE = 10_000.0  # bytes/s a transfer must keep up, averaged over RATE_WINDOW (ZOO_PULL_MIN_RATE)
 RATE_WINDOW = 30.0  # seconds (ZOO_PULL_RATE_WINDOW)
+MAX_RETRY_AFTER = 30.0  # seconds: a busy server's 429 or 503 asking for a wait up to this long is retried
 
 
 def rate_limits() -> tuple[float, float]:
@@ -66,9 +68,9 @@ def rate_limits() -> tuple[float, float]:
 class ChecksumError(HubError):
     """A downloaded file's digest is not the one recorded for it; the bad bytes were removed."""
 
-    def __init__(self, message: str, expected: str = "", actual: str = "", algorithm: str = "sha256"):
+    def __init__(self, message: str, expected: str = "", actual: str = "", algorithm: str = "sha256", sender: str = ""):
         super().__init__(message)
-        self.expected, self.actual, self.algorithm = expected, actual, algorithm
+        self.expected, self.actual, self.algorithm, self.sender = expected, actual, algorithm, sender
 
 
 class TruncatedError(ConnectionError):
@@ -83,17 +85,98 @@ class Cancelled(Exception):
     """The download's ``cancel`` event was set; the bytes received are kept for a resume."""
 
 
-def new_hash(algorithm: str, data: bytes = b"") -> Any:
-    """A hashlib-style object for ``algorithm``: ``sha256`` (or any hashlib name) or ``blake3``."""
+class RedirectRefused(HubError):
+    """The endpoint redirected a download to a host that the user has not allowed."""
+
+
+OFFICIAL_HUB = ("huggingface.co", "hf.co")  # whose redirects (to its CDNs) are followed as huggingface_hub does
+
+
+def allowed_redirect_hosts() -> set[str]:
+    """Hosts (``name`` or ``name:port``) that downloads may be redirected to from any endpoint:
+    ZOO_ALLOW_REDIRECTS, comma-separated."""
+    return {h.strip().lower() for h in os.environ.get("ZOO_ALLOW_REDIRECTS", "").split(",") if h.strip()}
+
+
+def redirect_allowed(origin: str, target: str) -> bool:
+    """Whether a download of ``origin`` may follow a redirect to ``target``: on the same host (scheme, name and
+    port); from the official Hub to any https host, as huggingface_hub follows it to its CDNs; else only to a
+    host in ZOO_ALLOW_REDIRECTS, and never from https down to http."""
+    a, b = urlsplit(origin), urlsplit(target)
+    if (a.scheme, a.netloc.lower()) == (b.scheme, b.netloc.lower()):
+        return True
+    if b.scheme not in ("http", "https") or (a.scheme == "https" and b.scheme != "https"):
+        return False
+    host = (a.hostname or "").lower()
+    if b.scheme == "https" and any(host == h or host.endswith("." + h) for h in OFFICIAL_HUB):
+        return True
+    allowed = allowed_redirect_hosts()
+    return (b.hostname or "").lower() in allowed or b.netloc.lower() in allowed
+
+
+class _RedirectPolicy(urllib.request.HTTPRedirectHandler):
+    """urllib's redirects, each one checked by ``redirect_allowed`` against the first URL."""
+
+    def __init__(self, origin: str):
+        self.origin = origin
+
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        if not redirect_allowed(self.origin, newurl):
+            raise RedirectRefused(f"{urlsplit(self.origin).netloc} redirected the download to {newurl} (HTTP {code}); "
+                                  f"the zoo follows redirects to other hosts only from the official Hub, or to hosts "
+                                  f"listed in ZOO_ALLOW_REDIRECTS (e.g. ZOO_ALLOW_REDIRECTS={urlsplit(newurl).netloc})")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+GIT_SHA1 = "git-sha1"  # the id git gives a file: an HF hub's ETag for a file kept in git rather than LFS
+
+
+class _GitBlobSha1:
+    """sha1 of ``blob <size>\\0`` then the content: git's object id, which needs the size up front."""
+
+    def __init__(self, size: int, data: bytes = b""):
+        self._hash = hashlib.sha1(b"blob %d\0" % size)
+        self._hash.update(data)
+
+    def update(self, data: Any) -> None:
+        self._hash.update(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+
+def new_hash(algorithm: str, data: bytes = b"", size: Optional[int] = None) -> Any:
+    """A hashlib-style object for ``algorithm``: ``sha256`` (or any hashlib name), ``blake3``, or ``git-sha1``
+    (which needs the whole file's ``size``)."""
     if algorithm == "blake3":
         return blake3(data)
+    if algorithm == GIT_SHA1:
+        if size is None:
+            raise ValueError("git-sha1 needs the file's size")
+        return _GitBlobSha1(size, data)
     return hashlib.new(algorithm, data)
+
+
+def etag_algorithm(etag: str) -> Optional[str]:
+    """How a hub's ETag names a file's content: 64 hex digits are its sha256 (LFS files, and every file
+    ``zoo serve`` sends), 40 its git id; None for any other ETag, which proves nothing."""
+    if re.fullmatch(r"[0-9a-f]{64}", etag):
+        return "sha256"
+    if re.fullmatch(r"[0-9a-f]{40}", etag):
+        return GIT_SHA1
+    return None
 
 
 def file_digest(path: Union[str, Path], algorithm: str) -> str:
     """The hex ``algorithm`` digest of a file on disk (BLAKE3 over an mmap, on all cores)."""
     if algorithm == "blake3":
         return blake3(max_threads=blake3.AUTO).update_mmap(path).hexdigest()
+    if algorithm == GIT_SHA1:
+        h = new_hash(GIT_SHA1, size=os.path.getsize(path))
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
     return sha256_file(path)
 
 
@@ -170,6 +253,8 @@ class _Download:
         self.small_hash: Any = None  # a small body's hash (of the whole part), computed in this thread
         self.min_rate, self.window = rate_limits()
         self.window_start, self.window_got = time.monotonic(), self.got
+        self.opener = urllib.request.build_opener(_RedirectPolicy(url))
+        self.source, self.html = url, False
 
     def advance(self, got: int) -> None:
         self.got = got
@@ -192,9 +277,10 @@ class _Download:
             return
         received = self.got - self.window_got
         if received < self.min_rate * elapsed:
-            raise TooSlowError(f"the server sent {received:,} bytes in the last {elapsed:.0f} s, below the minimum "
-                               f"{self.min_rate:,.0f} bytes/s (ZOO_PULL_MIN_RATE, over ZOO_PULL_RATE_WINDOW="
-                               f"{self.window:g} s); {self.got:,} bytes are kept in {self.part} for the next pull")
+            raise TooSlowError(f"the server{self.sender()} sent {received:,} bytes in the last {elapsed:.0f} s, "
+                               f"below the minimum {self.min_rate:,.0f} bytes/s (ZOO_PULL_MIN_RATE, over "
+                               f"ZOO_PULL_RATE_WINDOW={self.window:g} s); {self.got:,} bytes are kept in {self.part} "
+                               "for the next pull")
         self.window_start, self.window_got = time.monotonic(), self.got
 
     def digest(self) -> str:
@@ -215,17 +301,29 @@ class _Download:
     def open(self) -> Any:
         if self.got:
             try:
-                return urllib.request.urlopen(urllib.request.Request(
-                    self.url, headers={**self.headers, "Range": f"bytes={self.got}-"}), timeout=self.timeout)
+                return self._get({"Range": f"bytes={self.got}-"})
             except urllib.error.HTTPError as e:
-                if e.code != 416:  # 416: the part is no prefix of this file (a crash left it full size)
+                if e.code != 416:  # 416: the part is no prefix of this file
                     raise
                 e.close()
-        return urllib.request.urlopen(urllib.request.Request(self.url, headers=self.headers), timeout=self.timeout)
+        return self._get({})
+
+    def _get(self, extra: dict[str, str]) -> Any:
+        r = self.opener.open(urllib.request.Request(self.url, headers={**self.headers, **extra}), timeout=self.timeout)
+        self.source, self.html = r.geturl(), r.headers.get_content_type() == "text/html"
+        return r
+
+    def sender(self) -> str:
+        """Who sent the bytes, when a redirect made it another host than the URL's, and whether they were a web
+        page (for error messages)."""
+        origin, source = urlsplit(self.url).netloc, urlsplit(self.source).netloc
+        return ("" if source == origin else f" (sent by {source}, to which {origin} redirected)") + \
+            (" (the server sent an HTML page, not the file)" if self.html else "")
 
     def attempt(self) -> None:
         """One request, resuming from the bytes already written (``self.start``)."""
         self.start = self.got
+        self.window_start, self.window_got = time.monotonic(), self.got  # the rate counts from this request on
         with self.open() as r:
             start = 0
             if r.status == 206:
@@ -237,7 +335,9 @@ class _Download:
             self.got = self.fed = self.shown = self.start = start
             self.bar.reset(total=end)
             self.bar.update(start)
-            if end is not None and end <= SMALL:
+            if self.algorithm == GIT_SHA1 and end is None:
+                raise HubError(f"{self.url} came without a Content-Length, which its git id needs to be checked")
+            if end is not None and (end <= SMALL or self.algorithm == GIT_SHA1):  # a git id hashes the size first
                 self._small(r, end)
             else:
                 self.small_hash = None
@@ -246,19 +346,18 @@ class _Download:
                     self._copy(r)
                     return
                 if end > start and hasattr(os, "splice") and urlsplit(r.geturl()).scheme == "http":
-                    self._splice(r, end)  # the part grows as bytes land: after a kill it holds what arrived
+                    self._splice(r, end)
                 elif end > start:
-                    os.ftruncate(self.fd, end)  # the map needs the full size (a kill leaves it, and the next pull
-                    self._readinto(r, end)      # starts over: 416 to its Range)
+                    self._copy(r, end)
             if self.got < end:
-                raise TruncatedError(f"the connection closed after {self.got} of {end} bytes, which are kept in "
-                                     f"{self.part} for the next pull to resume")
+                raise TruncatedError(f"the connection{self.sender()} closed after {self.got} of {end} bytes, which are "
+                                     f"kept in {self.part} for the next pull to resume")
 
     def _small(self, r: Any, end: int) -> None:
         """A small file's body: read whole (short if the connection closed early), hashed after the prefix
         it resumes, and written, all in this thread."""
         os.lseek(self.fd, 0, os.SEEK_SET)
-        self.small_hash = new_hash(self.algorithm, os.read(self.fd, self.got) if self.got else b"")
+        self.small_hash = new_hash(self.algorithm, os.read(self.fd, self.got) if self.got else b"", size=end)
         while self.got < end and (body := r.read1(end - self.got)):  # as it arrives, so the rate is watched
             self.small_hash.update(body)
             self._write(body)
@@ -271,23 +370,15 @@ class _Download:
             view = view[n:]
             self.advance(self.got + n)
 
-    def _copy(self, r: Any) -> None:
-        buf = bytearray(STEP)
-        while n := r.readinto(buf):
-            self._write(memoryview(buf)[:n])
-
-    def _readinto(self, r: Any, end: int) -> None:
-        mm = mmap.mmap(self.fd, end)
-        try:
-            view = memoryview(mm)  # readinto1: one socket read per call, so a stalled read loses nothing
-            while self.got < end and (n := r.fp.readinto1(view[self.got:min(end, self.got + STEP)])):
-                self.advance(self.got + n)
-            view.release()
-        finally:
-            try:
-                mm.close()
-            except BufferError:  # an exception's traceback still holds a view; the map goes with it
-                pass
+    def _copy(self, r: Any, end: Optional[int] = None) -> None:
+        """Read into one reused buffer and write, up to ``end``; with no ``end`` (chunked or unsized), until the
+        body ends. A sized read makes one socket read per call (readinto1), so a stalled read loses nothing."""
+        view = memoryview(bytearray(STEP))
+        while end is None or self.got < end:
+            n = r.readinto(view) if end is None else r.fp.readinto1(view[:min(STEP, end - self.got)])
+            if not n:
+                return
+            self._write(view[:n])
 
     def _splice(self, r: Any, end: int) -> None:
         import fcntl
@@ -320,6 +411,16 @@ class _Download:
             os.close(wp)
 
 
+def retry_after(e: urllib.error.HTTPError) -> Optional[float]:
+    """Seconds to wait before asking again, for a 429 or 503 whose Retry-After (in seconds) is at most
+    MAX_RETRY_AFTER; None for any other error, which is not retried."""
+    try:
+        wait = float(e.headers.get("Retry-After", "")) if e.code in (429, 503) and e.headers is not None else None
+    except ValueError:
+        return None
+    return wait if wait is not None and 0 <= wait <= MAX_RETRY_AFTER else None
+
+
 def download_verified(url: str, dest: Union[str, Path], digest: str, *, algorithm: str = "sha256",
                       headers: Optional[dict[str, str]] = None, progress_desc: Optional[str] = None,
                       timeout: float = TIMEOUT, cancel: Optional[threading.Event] = None) -> None:
@@ -338,9 +439,18 @@ def download_verified(url: str, dest: Union[str, Path], digest: str, *, algorith
                 try:
                     job.attempt()
                     break
-                except (ConnectionError, TimeoutError):
-                    if attempt == RETRIES or job.got <= job.start:
+                except urllib.error.HTTPError as e:
+                    wait = retry_after(e)
+                    if attempt == RETRIES or wait is None:
                         raise
+                    e.close()
+                    time.sleep(wait)
+                except (ConnectionError, TimeoutError) as e:
+                    stalled = job.got <= job.start
+                    if attempt == RETRIES or (stalled and isinstance(e, TimeoutError)):
+                        raise
+                    if stalled:  # dropped before any byte: ask again after a moment
+                        time.sleep(0.5 * (attempt + 1))
             actual = job.digest()
             bar.update(job.got - job.shown)
         finally:
@@ -349,8 +459,8 @@ def download_verified(url: str, dest: Union[str, Path], digest: str, *, algorith
                 part.unlink(missing_ok=True)
     if actual != digest:
         part.unlink(missing_ok=True)
-        raise ChecksumError(f"checksum mismatch for {url}: expected {algorithm} {digest}, received {actual}; "
-                            "the download was deleted", digest, actual, algorithm)
+        raise ChecksumError(f"checksum mismatch for {url}{job.sender()}: expected {algorithm} {digest}, received "
+                            f"{actual}; the download was deleted", digest, actual, algorithm, job.sender())
     os.replace(part, dest)
 
 
@@ -399,6 +509,14 @@ class CacheRepo:
             if not pointer.exists():
                 self.link(filename, blob, new_blob=fresh)
         return pointer, fresh
+
+    def record_ref(self, revision: str) -> None:
+        """Record that ``revision`` (a branch) is at this commit, as ``hf_hub_download`` does for offline use."""
+        if revision != self.commit:
+            refs = self.snapshot.parent.parent / "refs"
+            refs.mkdir(parents=True, exist_ok=True)
+            if not (refs / revision).is_file() or (refs / revision).read_text() != self.commit:
+                write_text(refs / revision, self.commit)
 
     def link(self, filename: str, blob: Path, new_blob: bool) -> Path:
         """The snapshot entry ``filename``, a relative symlink to ``blob`` made by huggingface_hub."""
