@@ -6,7 +6,6 @@ the next pull succeeds with no manual cleanup.
 from __future__ import annotations
 
 import re
-import shutil
 import socket
 import threading
 import time
