@@ -99,6 +99,62 @@ def test_sigkill_during_save_leaves_previous_checkpoint(tmp_path, idx, shard_byt
     assert [n for n in sorted(p.name for p in tmp_path.iterdir()) if not n.startswith(".")] == before
 
 
+KILL_AT = textwrap.dedent("""
+    import sys, time, zoo, zoo.checkpoint as ck
+    model = zoo.build("tiny-dense-prenorm")
+    phase, calls = sys.argv[3], {"n": 0}
+    real_save, real_text = ck.save_file, ck.write_text
+    def hang():
+        print("HANG", flush=True)
+        time.sleep(60)
+    def save_file(tensors, filename, metadata=None):
+        real_save(tensors, filename, metadata=metadata)
+        calls["n"] += 1
+        if phase == "third-shard" and calls["n"] == 3:
+            hang()  # two shards in place, the third under its temporary name
+    def write_text(path, text):
+        real_text(path, text)
+        if phase == "after-index":
+            hang()  # the new index in place, the shards it replaced not yet removed
+    ck.save_file, ck.write_text = save_file, write_text
+    zoo.save(model, sys.argv[1], max_shard_bytes=int(sys.argv[2]))
+""")
+
+
+@pytest.mark.parametrize("phase", ["third-shard", "after-index"])
+def test_the_next_save_removes_what_killed_saves_left_but_not_a_running_ones(tmp_path, idx, phase):
+    """Killed sharded saves leave temporary files and shards no index names; the next save removes them, but
+    not the files of a save that is still running (here: this process holds its claim and a temporary file)."""
+    from zoo.files import atomic_path, claim
+    path, shard_bytes = tmp_path / "ckpt.safetensors", 400_000
+    model = zoo.build("tiny-dense-prenorm")
+    zoo.save(model, path, max_shard_bytes=shard_bytes)
+    clean = sorted(p.name for p in tmp_path.iterdir())
+    for _ in range(2):
+        proc = subprocess.Popen([sys.executable, "-c", KILL_AT, str(path), str(shard_bytes), phase],
+                                stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "HANG"
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait(timeout=60)
+    leftovers = set(p.name for p in tmp_path.iterdir()) - set(clean)
+    assert len(leftovers) >= 4, leftovers  # the two kills' files: shards, temporaries, claims
+    running = tmp_path / "ckpt-0123abcd-00001-of-00002.safetensors"
+    with claim(tmp_path, "ckpt.safetensors.0123abcd"):
+        running.write_bytes(b"a running save's first shard")
+        with pytest.raises(KeyboardInterrupt), atomic_path(path.with_name(path.name + ".index.json")) as tmp:
+            tmp.write_text("a running save's index, not yet in place")
+            index = zoo.save(model, path, max_shard_bytes=shard_bytes)
+            assert tmp.exists() and running.exists()
+            raise KeyboardInterrupt  # the running save stops: its temporary file goes with it
+    shards = set(json.loads(index.read_text())["weight_map"].values())
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([index.name, *shards, running.name])
+    assert torch.equal(logits(zoo.load(path), idx), logits(model, idx))
+    zoo.save(model, path, max_shard_bytes=shard_bytes)  # its claim gone, the running save's shard is a leftover
+    assert not running.exists()
+
+
 def write_raw(path, header_len, header_bytes, data=b""):
     path.write_bytes(struct.pack("<Q", header_len) + header_bytes + data)
 

@@ -27,7 +27,16 @@ from safetensors.torch import load_file, save_file
 from .builder import empty_model
 from .config import ConfigSource, ModelConfig, merge_config
 from .errors import ZooError
-from .files import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, atomic_path, write_text
+from .files import (
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    atomic_path,
+    claim,
+    glob_escape,
+    live_claims,
+    remove_stale_temps,
+    write_text,
+)
 from .model import ZooModel, count_params
 from .version import __version__
 
@@ -101,12 +110,35 @@ def save(model: ZooModel, path: Union[str, Path], *, variant: Optional[str] = No
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     index_path = path.with_name(path.name + ".index.json")
     total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    if total_bytes <= max_shard_bytes:
-        _write_atomic(tensors, path, metadata)
-        _remove_sharded(index_path)
-        return path
-    shards = split_shards(tensors, max_shard_bytes)
     save_id = uuid.uuid4().hex[:8]
+    with claim(path.parent, f"{path.name}.{save_id}"):  # until the index names its shards, they are this save's
+        remove_leftovers(path)
+        if total_bytes <= max_shard_bytes:
+            _write_atomic(tensors, path, metadata)
+            _remove_sharded(index_path)
+            return path
+        return _save_sharded(tensors, path, index_path, metadata, save_id, max_shard_bytes, total_bytes)
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """What saves to ``path`` that were killed left behind: temporary files, and shards that no index names
+    (of a sharded save killed before its index, or after it but before it removed the shards it replaced).
+    Those of a save still running, in any process, stay."""
+    removed = remove_stale_temps(path.parent, f".{path.name}.") + remove_stale_temps(path.parent, f".{path.stem}-")
+    running = {tag.rsplit(".", 1)[1] for tag in live_claims(path.parent, f"{path.name}.")}
+    indexed = _shard_files(path.with_name(path.name + ".index.json"))
+    shard = re.compile(rf"{re.escape(path.stem)}-([0-9a-f]{{8}})-\d{{5}}-of-\d{{5}}\.safetensors")
+    for file in path.parent.glob(f"{glob_escape(path.stem)}-*.safetensors"):
+        m = shard.fullmatch(file.name)
+        if m and m.group(1) not in running and file.name not in indexed:
+            file.unlink(missing_ok=True)
+            removed.append(file)
+    return removed
+
+
+def _save_sharded(tensors: dict[str, torch.Tensor], path: Path, index_path: Path, metadata: dict[str, str],
+                  save_id: str, max_shard_bytes: int, total_bytes: int) -> Path:
+    shards = split_shards(tensors, max_shard_bytes)
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         shard_name = f"{path.stem}-{save_id}-{i:05d}-of-{len(shards):05d}.safetensors"

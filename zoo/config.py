@@ -248,3 +248,16 @@ def resolve_options(options_cls: Optional[type], raw: Mapping[str, Any], key: st
             raise ConfigError(f"unknown option {key}.{sub} for {owner}{hint}; it takes: {', '.join(names) or 'nothing'}") from None
         raise ConfigError(f"invalid value for {key}.{sub} ({owner}): {msg}") from None
     return OmegaConf.to_object(merged)
+
+
+def config_differences(a: ModelConfig, b: ModelConfig, ignore: tuple[str, ...] = ("init.", "moe.backend")) -> list[str]:
+    """``key: A vs B`` for each config key whose value differs between ``a`` and ``b`` (dotted keys; those starting
+    with an ``ignore`` prefix, which leave a trained model's parameters and outputs alone, are skipped)."""
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+        return out
+    fa, fb = flat(a.to_dict()), flat(b.to_dict())
+    return [f"{k}: {fa.get(k)!r} vs {fb.get(k)!r}" for k in sorted(set(fa) | set(fb))
+            if fa.get(k) != fb.get(k) and not k.startswith(ignore)]

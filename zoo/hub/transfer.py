@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 from blake3 import blake3
 from filelock import FileLock
 
-from ..files import write_text
+from ..files import blake3_file, write_text
 from .protocol import HubError, sha256_file
 
 STEP = 1 << 20  # bytes per splice / readinto, and per progress-bar update
@@ -170,7 +170,7 @@ def etag_algorithm(etag: str) -> Optional[str]:
 def file_digest(path: Union[str, Path], algorithm: str) -> str:
     """The hex ``algorithm`` digest of a file on disk (BLAKE3 over an mmap, on all cores)."""
     if algorithm == "blake3":
-        return blake3(max_threads=blake3.AUTO).update_mmap(path).hexdigest()
+        return blake3_file(path)
     if algorithm == GIT_SHA1:
         h = new_hash(GIT_SHA1, size=os.path.getsize(path))
         with open(path, "rb") as f:

@@ -14,6 +14,7 @@ import json
 import math
 import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -24,7 +25,7 @@ from tqdm import tqdm
 from ..api import get_config
 from ..builder import model_stats
 from ..checkpoint import load, save
-from ..config import ConfigSource, ModelConfig
+from ..config import ConfigSource, ModelConfig, config_differences
 from ..distributed import checkpoint as dcp_checkpoint
 from ..distributed.grads import clip_grad_norm
 from ..distributed.layout import Layout, device_for_rank
@@ -34,10 +35,12 @@ from ..errors import ZooError
 from ..files import (
     CHECKPOINT_DIR,
     CONFIG_NAME,
+    MANIFEST_NAME,
     TRAINER_STATE_NAME,
     WEIGHTS_NAME,
     atomic_folder,
     recover_folder,
+    remove_stale_temps,
     strict_json,
     write_json,
     write_text,
@@ -47,7 +50,7 @@ from .data import Corpus, load_corpus
 from .malloc import retain_freed_memory
 from .metrics import BlockProbe, blowup_layer, ffn_grad_norms, matmul_peak
 from .optim import lr_at, make_optimizer
-from .state import RunState, load_trainer_state, save_trainer_state
+from .state import RunState, check_manifest, load_trainer_state, save_trainer_state, write_manifest
 
 DIVERGED_EXIT = 3  # `zoo train` exit status when a run diverged
 TRAIN_CONFIG_NAME = "train.json"
@@ -197,16 +200,30 @@ class Trainer:
         self.last_loss, self.val_loss = float("nan"), None
 
     def _resume(self) -> None:
-        if self.rank == 0:  # a kill during the last checkpoint's swap (zoo/files.py atomic_folder)
+        if self.rank == 0:  # a kill during the last checkpoint's swap (zoo/files.py atomic_folder), or another write
             recover_folder(self.weights.parent)
+            remove_stale_temps(self.out)
         barrier()
         if self.layout.fsdp:
             self.state = RunState.of(dcp_checkpoint.load(self.sharded, self.model, self.opt, self.rank))
         elif not self.trainer_state.exists():
             raise ZooError(f"--resume: no checkpoint in {self.trainer_state.parent}; start without --resume")
         else:
-            self.model.load_state_dict(load(self.weights, device=self.device).state_dict())
+            step = check_manifest(self.weights.parent, (self.weights.name, self.trainer_state.name))
+            if step is None:
+                warnings.warn(f"{self.weights.parent} has no {MANIFEST_NAME} (an older zoo wrote it): its files "
+                              "are resumed without a check that they belong together", stacklevel=2)
+            saved = load(self.weights, device=self.device)
+            differs = config_differences(saved.cfg, self.cfg)
+            if differs:
+                raise ZooError(f"--resume: the checkpoint in {self.weights.parent} is of another model than this "
+                               f"command builds: {', '.join(differs)}; resume with the run's own config (`zoo train "
+                               f"{self.out} --resume`, without --set)")
+            self.model.load_state_dict(saved.state_dict())
             self.state = load_trainer_state(self.trainer_state, self.opt)
+            if step is not None and self.state.step != step:
+                raise ZooError(f"--resume: {self.trainer_state} holds step {self.state.step}, but the checkpoint's "
+                               f"{MANIFEST_NAME} records step {step}; put back the folder as it was saved")
         if self.rank == 0 and self.metrics_path.exists():  # drop lines logged after the checkpoint
             lines = [ln for ln in self.metrics_path.read_text().splitlines()
                      if json.loads(ln).get("step", -1) < self.state.step]
@@ -307,6 +324,7 @@ class Trainer:
                 save(self.model, folder / self.weights.name, variant=self.variant)
                 save_trainer_state(folder / self.trainer_state.name, self.opt, self.state)
                 self.corpus.save_tokenizer(folder)
+                write_manifest(folder, self.state.step)
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
