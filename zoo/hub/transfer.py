@@ -5,8 +5,9 @@ BLAKE3 runs several times as fast as sha256 with SIMD, faster than the transfer 
 (a known length of at most 1 MiB, as a model card, a config or ``checksums.sha256``) is read, hashed and
 written in the calling thread: no thread, no mmap. A larger one moves with as few copies as the platform
 allows: on Linux over plain ``http`` with a known length, ``os.splice`` socket -> pipe -> file inside the
-kernel; otherwise ``readinto`` one reused buffer, then a write. Either way the file grows only as bytes land,
-so a killed pull leaves exactly what arrived and the next one asks for the rest with a ``Range`` request.
+kernel; otherwise ``readinto`` one reused buffer, then a write. Either way the file grows only as bytes land
+(its blocks reserved up front where Linux allows, without changing its size), so a killed pull leaves
+exactly what arrived and the next one asks for the rest with a ``Range`` request.
 The hash reads, through read-only mmaps, what is already on disk, so it costs no second pass
 over the file: BLAKE3 right after each step, while its pages are still in cache; sha256, slower than the
 transfer, in a second thread (hashlib releases the GIL) so that the two overlap.
@@ -28,6 +29,7 @@ import queue
 import re
 import select
 import shutil
+import sys
 import threading
 import time
 import urllib.error
@@ -240,6 +242,27 @@ class _Hasher:
         return self._hash.hexdigest()
 
 
+def reserve(fd: int, start: int, end: int) -> None:
+    """Allocate the disk blocks of bytes ``start``-``end`` of a file up front without changing its size (Linux
+    ``fallocate`` with ``FALLOC_FL_KEEP_SIZE``): writes then need no allocation as the file grows, and the size
+    still counts only the bytes written, so a killed download resumes from there. Elsewhere, nothing."""
+    global _fallocate
+    if _fallocate is None:
+        _fallocate = False
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+                _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+                _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            except (OSError, AttributeError):
+                pass
+    if _fallocate:
+        _fallocate(fd, 1, start, end - start)  # 1: FALLOC_FL_KEEP_SIZE; a failure (e.g. no support) changes nothing
+
+
+_fallocate: Any = None
+
+
 class _Download:
     """One file's transfer into its ``.incomplete`` part: the bytes written so far, their hash, the bar."""
 
@@ -345,6 +368,8 @@ class _Download:
                 if end is None:
                     self._copy(r)
                     return
+                if end > start:
+                    reserve(self.fd, start, end)
                 if end > start and hasattr(os, "splice") and urlsplit(r.geturl()).scheme == "http":
                     self._splice(r, end)
                 elif end > start:
