@@ -5,8 +5,14 @@ same file and fetching it with a plain HTTP GET from the same server.
 The "pull" row pulls a variant that an index pins (published with `index=`), as `zoo.build(name,
 pretrained=True)` pulls the zoo's own variants: every file straight from the zoo's transfer, at once,
 verified against the index's BLAKE3 digests. "pull_unindexed" pulls it with no index, as from a
-third-party hub: huggingface_hub resolves the revision and fetches checksums.sha256 first, and the files
-are verified against its sha256 digests.
+third-party hub: huggingface_hub's metadata request resolves the revision, checksums.sha256 is fetched and
+checked first, and the files are verified against its sha256 digests.
+
+The "against the code before the reliability work" part (``--baseline REV``, default BASELINE, the commit
+before issue 19) pulls the same files with this checkout's zoo and with REV's (its ``zoo/`` and ``plugins/``
+taken with ``git archive``), alternating, each pull in a fresh interpreter timed from its ``hub.pull`` call
+on; and it SIGKILLs each one's pull after half the weights arrived and counts the bytes the next pull asks
+the server for.
 
 Everything is timed round-robin (each round runs every variant once, so a change in the machine's speed
 hits all of them alike), after one untimed warm-up round; the median of the rounds is reported. The page
@@ -16,6 +22,7 @@ not disks. A pull starts from an empty HF cache every time and includes its veri
     python benchmarks/checkpoint_io.py                     # ~160 MB of fp32 weights, 7 rounds
     python benchmarks/checkpoint_io.py --size large        # ~670 MB (d_model=1024, 8 layers, vocab 32000)
     python benchmarks/checkpoint_io.py --quick             # a tiny model, 2 rounds (what the tests run)
+    python benchmarks/checkpoint_io.py --baseline none     # without the comparison with the older pull
 """
 from __future__ import annotations
 
@@ -30,10 +37,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import huggingface_hub
 import safetensors
@@ -44,6 +52,7 @@ import zoo
 from zoo import hub
 from zoo.files import WEIGHTS_NAME
 from zoo.hub.protocol import sha256_file
+from zoo.hub.server import HubRequestHandler, serve_background
 from zoo.hub.transfer import new_hash
 
 VARIANT = "tiny-dense-prenorm"
@@ -57,8 +66,23 @@ GOALS = {  # ratio key (what benchmarks/run_all.py reads): (what it is, limit, h
     "load_vs_read": ("zoo.load / read bytes", 1.5, "<="),
     "load_vs_torch_load": ("zoo.load / torch.load", 1.0, "<"),
     "pull_vs_copy": ("pull (indexed) / copy", 2.0, "<="),
+    # no slower than before issue 19, within the spread of interleaved fresh-process pulls on a shared machine
+    "pull_vs_baseline": ("pull (indexed) / before", 1.1, "<="),
+    "pull_unindexed_vs_baseline": ("pull (no index) / before", 1.1, "<="),
 }
 PAGE = 4096
+BASELINE = "6a2af8d"  # the last commit before issue 19 (reliability) changed how a pull writes and verifies
+ROOT = Path(__file__).resolve().parent.parent
+PULL_SCRIPT = """
+import sys, time
+from huggingface_hub.utils import disable_progress_bars
+from zoo import hub
+disable_progress_bars()
+name, url, index, cache = sys.argv[1:5]
+t = time.perf_counter()
+hub.pull(name, endpoint=url, index={} if index == "-" else index, cache_dir=cache)
+print(time.perf_counter() - t)
+"""
 Times = tuple[list[float], list[float]]  # (wall seconds, CPU seconds of this process) per call
 
 
@@ -210,7 +234,7 @@ def bench_pull(path: Path, work: Path, repeats: int) -> dict[str, Any]:
         def pull() -> Path:  # pinned by the index, as zoo.build(name, pretrained=True) pulls the zoo's variants
             return hub.pull(name, endpoint=url, index=index, cache_dir=fresh("pull"))
 
-        def pull_unindexed() -> Path:  # a third-party hub's variant: checksums.sha256 through huggingface_hub first
+        def pull_unindexed() -> Path:  # a third-party hub's variant: the revision and checksums.sha256 first
             return hub.pull(name, endpoint=url, index={}, cache_dir=fresh("pull-unindexed"))
 
         def hf_download(chunk: int = constants.DOWNLOAD_CHUNK_SIZE) -> None:
@@ -238,6 +262,103 @@ def bench_pull(path: Path, work: Path, repeats: int) -> dict[str, Any]:
         shutil.rmtree(work / "scratch", ignore_errors=True)
     return {"url": url, "file_bytes": nbytes, "hf_download_chunk_bytes": constants.DOWNLOAD_CHUNK_SIZE,
             "pulled_bytes_match": verified, "variants": {n: summary(t, nbytes) for n, t in times.items()}}
+
+
+class _HalfThenHold(HubRequestHandler):
+    """Sends half of the weights and holds the connection (``hold``), or counts what it sends (``count``)."""
+
+    mode, name = "count", WEIGHTS_NAME
+    half_sent = threading.Event()
+    sent: list[tuple[Optional[str], int]] = []
+
+    def send_body(self, f: Any, length: int, filename: str) -> None:
+        if filename != WEIGHTS_NAME:
+            return super().send_body(f, length, filename)
+        if _HalfThenHold.mode == "hold":
+            self.wfile.write(f.read(length // 2))
+            self.wfile.flush()
+            _HalfThenHold.half_sent.set()
+            time.sleep(30)
+            return
+        _HalfThenHold.sent.append((self.headers.get("Range"), length))
+        super().send_body(f, length, filename)
+
+
+def baseline_tree(rev: str, work: Path) -> Path:
+    """``zoo/`` and ``plugins/`` as they were at ``rev``, in a folder to put first on PYTHONPATH."""
+    tree = work / f"baseline-{rev}"
+    if not tree.exists():
+        tree.mkdir(parents=True)
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "zoo", "plugins"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    return tree
+
+
+def pull_in_process(tree: Optional[Path], args: list[str], **popen: Any) -> subprocess.Popen:
+    """``hub.pull`` in a fresh interpreter: the installed zoo, or ``tree``'s (first on the path, and the working
+    folder elsewhere than a checkout, whose zoo/ would come first)."""
+    env = {**os.environ, "PYTHONPATH": str(tree) if tree else os.environ.get("PYTHONPATH", "")}
+    return subprocess.Popen([sys.executable, "-c", PULL_SCRIPT, *args], env=env, cwd=tempfile.gettempdir(), **popen)
+
+
+def bench_against_baseline(work: Path, rev: str, repeats: int) -> dict[str, Any]:
+    """Clean pulls (indexed and not) by this zoo and by ``rev``'s, alternating in fresh interpreters; then a
+    SIGKILLed pull of each, and the bytes of the weights the next pull is sent."""
+    name, index, hub_dir = "checkpoint-io-bench", work / "index.json", work / "hub"
+    trees = {"current": None, "baseline": baseline_tree(rev, work)}
+    for which, tree in trees.items():
+        found = subprocess.run([sys.executable, "-c", "import zoo; print(zoo.__file__)"], capture_output=True,
+                               text=True, check=True, env={**os.environ, "PYTHONPATH": str(tree or "")},
+                               cwd=tempfile.gettempdir()).stdout
+        if tree is not None and not found.startswith(str(tree)):
+            raise RuntimeError(f"the baseline zoo did not shadow the installed one: {found}")
+    times: dict[str, list[float]] = {f"{w}_{k}": [] for w in trees for k in ("indexed", "unindexed")}
+    counter = iter(range(10**9))
+    with serve_background(hub_dir, handler=_HalfThenHold) as url:
+        _HalfThenHold.mode = "count"
+        for r in range(1 + repeats):
+            for which, tree in trees.items():
+                for kind, idx in (("indexed", str(index)), ("unindexed", "-")):
+                    cache = work / "scratch" / f"{which}-{kind}-{next(counter)}"
+                    proc = pull_in_process(tree, [name, url, idx, str(cache)], stdout=subprocess.PIPE, text=True)
+                    out, _ = proc.communicate(timeout=600)
+                    if proc.returncode:
+                        raise RuntimeError(f"{which} pull failed ({proc.returncode})")
+                    if r:  # the first round warms the page cache and the interpreters' imports
+                        times[f"{which}_{kind}"].append(float(out.strip().splitlines()[-1]))
+                    shutil.rmtree(cache, ignore_errors=True)
+        size = (hub_dir / name / WEIGHTS_NAME).stat().st_size
+        killed = {which: killed_pull(tree, work / "scratch" / f"killed-{which}", name, url, index, size)
+                  for which, tree in trees.items()}
+    shutil.rmtree(work / "scratch", ignore_errors=True)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"baseline": rev, "repeats": repeats, "median_ms": med, "times_ms": {k: [t * 1e3 for t in v]
+                                                                               for k, v in times.items()},
+            "ratio_indexed": med["current_indexed"] / med["baseline_indexed"],
+            "ratio_unindexed": med["current_unindexed"] / med["baseline_unindexed"], "killed_pull": killed}
+
+
+def killed_pull(tree: Optional[Path], cache: Path, name: str, url: str, index: Path, size: int) -> dict[str, Any]:
+    """SIGKILL a pull once half the weights were sent; what its part file kept, and what the next pull asked."""
+    _HalfThenHold.mode, _HalfThenHold.sent = "hold", []
+    _HalfThenHold.half_sent.clear()
+    proc = pull_in_process(tree, [name, url, str(index), str(cache)], stdout=subprocess.DEVNULL)
+    try:
+        if not _HalfThenHold.half_sent.wait(120):
+            raise RuntimeError("the pull never reached the weights")
+        time.sleep(0.5)  # the half in flight lands
+    finally:
+        proc.kill()
+        proc.wait()
+    parts = list(cache.rglob("*.incomplete"))
+    kept = parts[0].stat().st_size if parts else 0
+    _HalfThenHold.mode = "count"
+    again = pull_in_process(tree, [name, url, str(index), str(cache)], stdout=subprocess.DEVNULL)
+    if again.wait(600):
+        raise RuntimeError("the pull after the kill failed")
+    return {"file_bytes": size, "part_bytes_after_kill": kept, "bytes_sent_again": sum(n for _, n in _HalfThenHold.sent),
+            "requests": [{"range": r, "bytes": n} for r, n in _HalfThenHold.sent]}
 
 
 def digest_file(path: Path, algorithm: str) -> str:
@@ -311,16 +432,28 @@ def report(results: dict[str, Any]) -> str:
         lines.append(f"  {goal['what']:28s} {goal['ratio']:6.2f}  {goal['op']} {goal['limit']:<4}  {'PASS' if goal['pass'] else 'FAIL'}")
     pv, r = pull["variants"], results["ratios"]
     lines.append(f"zoo pull: indexed (the index pins it, as for the zoo's own variants; BLAKE3-verified) "
-                 f"{pv['pull']['median_ms']:.1f} ms, {r['pull_vs_copy']:.2f}x copy; unindexed (checksums.sha256 through "
-                 "huggingface_hub first; sha256-verified) "
+                 f"{pv['pull']['median_ms']:.1f} ms, {r['pull_vs_copy']:.2f}x copy; unindexed (the revision resolved and "
+                 "checksums.sha256 fetched first; sha256-verified) "
                  f"{pv['pull_unindexed']['median_ms']:.1f} ms, {r['pull_unindexed_vs_copy']:.2f}x copy")
+    ab = results.get("against_baseline")
+    if ab:
+        med = ab["median_ms"]
+        lines.append(f"against {ab['baseline']} (before issue 19), fresh interpreters, {ab['repeats']} alternating rounds: "
+                     f"indexed {med['current_indexed']:.1f} ms vs {med['baseline_indexed']:.1f} ms "
+                     f"({ab['ratio_indexed']:.2f}x), unindexed {med['current_unindexed']:.1f} ms vs "
+                     f"{med['baseline_unindexed']:.1f} ms ({ab['ratio_unindexed']:.2f}x)")
+        for which, k in ab["killed_pull"].items():
+            lines.append(f"  {which:8s} SIGKILL after half the weights: the part file kept {k['part_bytes_after_kill']:,} "
+                         f"of {k['file_bytes']:,} bytes; the next pull was sent {k['bytes_sent_again']:,} bytes of the "
+                         f"weights (requests: {', '.join(r['range'] or 'the whole file' for r in k['requests'])})")
     lines.append("other ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in results["ratios"].items() if k not in GOALS))
     lines.append(f"weights equal after zoo.load: {load['weights_equal']}; pulled bytes match (both pulls): "
                  f"{pull['pulled_bytes_match']}")
     return "\n".join(lines)
 
 
-def run(size: str, overrides: list[str], repeats: int, fresh_runs: int, work: Path) -> dict[str, Any]:
+def run(size: str, overrides: list[str], repeats: int, fresh_runs: int, work: Path, baseline: str = BASELINE,
+        baseline_repeats: int = 5) -> dict[str, Any]:
     torch.manual_seed(0)
     overrides = [*SIZES[size], *overrides]
     model = zoo.build(VARIANT, overrides)
@@ -337,8 +470,14 @@ def run(size: str, overrides: list[str], repeats: int, fresh_runs: int, work: Pa
     results["load"] = bench_load(model, work, repeats, fresh_runs)
     results["pull"] = bench_pull(Path(results["load"]["file"]), work, repeats)
     results["ratios"] = ratios(results["load"], results["pull"])
+    if baseline != "none":
+        results["against_baseline"] = ab = bench_against_baseline(work, baseline, baseline_repeats)
+        results["ratios"]["pull_vs_baseline"] = ab["ratio_indexed"]
+        results["ratios"]["pull_unindexed_vs_baseline"] = ab["ratio_unindexed"]
     results["goals"] = {}
     for name, (what, limit, op) in GOALS.items():
+        if name not in results["ratios"]:
+            continue
         r = results["ratios"][name]
         results["goals"][name] = {"what": what, "ratio": r, "limit": limit, "op": op,
                                   "pass": r <= limit if op == "<=" else r < limit}
@@ -356,17 +495,21 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/checkpoint_io.json", help="where to write the JSON results")
     parser.add_argument("--workdir", default=None, help="keep the checkpoints and hub folder here (default: a "
                         "temporary folder, removed at the end)")
+    parser.add_argument("--baseline", default=BASELINE, metavar="REV", help="git revision whose pull to compare "
+                        f"with, in the same run (default: {BASELINE}, before issue 19; 'none' skips it)")
+    parser.add_argument("--baseline-repeats", type=int, default=5, help="alternating rounds of fresh-process pulls")
     parser.add_argument("--quick", action="store_true", help="tiny model, 2 rounds, 1 fresh run (for the tests)")
     args = parser.parse_args()
     if args.quick:
-        args.size, args.repeats, args.fresh_runs = "tiny", 2, 1
+        args.size, args.repeats, args.fresh_runs, args.baseline_repeats = "tiny", 2, 1, 1
     if args.workdir:
         work = Path(args.workdir)
         work.mkdir(parents=True, exist_ok=True)
-        results = run(args.size, args.set, args.repeats, args.fresh_runs, work)
+        results = run(args.size, args.set, args.repeats, args.fresh_runs, work, args.baseline, args.baseline_repeats)
     else:
         with tempfile.TemporaryDirectory(prefix="checkpoint-io-") as tmp:
-            results = run(args.size, args.set, args.repeats, args.fresh_runs, Path(tmp))
+            results = run(args.size, args.set, args.repeats, args.fresh_runs, Path(tmp), args.baseline,
+                          args.baseline_repeats)
     text = report(results)
     print(text)
     results["table"] = text

@@ -43,12 +43,19 @@ def test_checkpoint_io_benchmark_runs_and_loads_the_saved_weights(tmp_path):
     for part in ("load", "pull"):
         for v in data[part]["variants"].values():
             assert len(v["times_ms"]) == data["repeats"] == 2 and v["median_ms"] > 0
-    assert set(data["goals"]) == {"load_vs_read", "load_vs_torch_load", "pull_vs_copy"} <= set(data["ratios"])
+    assert set(data["goals"]) == {"load_vs_read", "load_vs_torch_load", "pull_vs_copy", "pull_vs_baseline",
+                                  "pull_unindexed_vs_baseline"} <= set(data["ratios"])
     assert data["ratios"]["pull_unindexed_vs_copy"] > 0 and "unindexed" in data["table"]
     assert all(isinstance(g["pass"], bool) and g["ratio"] > 0 for g in data["goals"].values())
     assert data["load"]["shards"] > 1 and data["load"]["fresh_process"]["zoo_load"]["median_ms"] > 0
     assert data["load"]["weights_equal"] == {"zoo_load": True, "zoo_load_sharded": True}
     assert data["pull"]["pulled_bytes_match"] is True
+    ab = data["against_baseline"]  # the same pulls by the zoo before issue 19, and a SIGKILLed pull of each
+    assert all(len(t) == 1 and t[0] > 0 for t in ab["times_ms"].values()) and ab["ratio_indexed"] > 0
+    now, before = ab["killed_pull"]["current"], ab["killed_pull"]["baseline"]
+    assert now["part_bytes_after_kill"] == now["file_bytes"] // 2 == now["bytes_sent_again"]
+    assert now["requests"] == [{"range": f"bytes={now['file_bytes'] // 2}-", "bytes": now["file_bytes"] // 2}]
+    assert before["bytes_sent_again"] == before["file_bytes"]  # it pre-sized the part, so it started over
     assert "PASS" in r.stdout or "FAIL" in r.stdout
     # the files it timed: zoo.load gives back exactly the state dict that was saved (torch.save and safetensors)
     saved = torch.load(work / "model.pt", weights_only=True)
