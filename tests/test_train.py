@@ -97,6 +97,10 @@ def test_two_gloo_processes_follow_the_single_process_curve(tmp_path, data, name
     assert sorted(a) == sorted(b) == list(range(12))
     assert all(a[s] == pytest.approx(b[s], abs=tol) for s in range(12)), [(s, a[s], b[s]) for s in range(12)]
     assert a[11] < a[0] - 1.0
+    for run in (one, two):  # the batch is global: throughput counts each token once, whatever the number of ranks
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["tokens"] == 12 * 4 * 32
+        assert summary["tokens_per_s"] == pytest.approx(summary["tokens"] / summary["wall"])
 
 
 def test_compare_writes_table_report_and_plots(tmp_path, data):

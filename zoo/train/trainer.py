@@ -287,7 +287,7 @@ class Trainer:
             record["aux_loss"] = float(mean_over_ranks(aux_sum / accum))
             record["router"] = router_record(output.router_stats)
         if self.peak:
-            record["mfu"] = self.train_flops * tps * self.world / self.peak
+            record["mfu"] = self.train_flops * tps / (self.peak * self.world)  # tps counts every rank's tokens
         return record
 
     def _diverged(self, step: int, lm_loss: float, grad_norm: float) -> None:
@@ -376,7 +376,8 @@ class Trainer:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.state.tokens / max(self.state.wall, 1e-9) * self.world
+        """Tokens per second of the whole run (``state.tokens`` counts the global batch, every rank's tokens)."""
+        return self.state.tokens / max(self.state.wall, 1e-9)
 
     def _write_summary(self, diverged: Optional[dict[str, Any]]) -> None:
         """``summary.json``: the run's totals, and ``diverged`` (step and message) when it diverged."""
