@@ -925,8 +925,9 @@ def test_a_plain_huggingface_hub_client_lists_and_snapshots_a_zoo_hub(published,
 
 
 def test_serve_survives_huge_ranges_and_closes_idle_connections(published, tmp_path):
-    """A 5,000-digit Range gets 416 and the server stays up; 300 connections that never send a request do not
-    stop a pull, and the idle timeout closes them, so their threads end."""
+    """A 5,000-digit Range gets 416, a header line over 64 KiB or over 100 headers 431, and the server stays up;
+    300 connections that never send a request do not stop a pull, and the idle timeout closes them, so their
+    threads end."""
     import socket
     with serve_background(published.dir, idle_timeout=2.0) as url:
         file_url = f"{url}/zoo/{NAME}/resolve/main/config.yaml"
@@ -934,6 +935,10 @@ def test_serve_survives_huge_ranges_and_closes_idle_connections(published, tmp_p
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 416
+        for headers in ({"X-Big": "x" * 70_000}, {f"X-{i}": "1" for i in range(150)}):  # http.server's bounds
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(urllib.request.Request(file_url, headers=headers), timeout=10)
+            assert refused.value.code == 431
         baseline = threading.active_count()
         host, port = url.removeprefix("http://").split(":")
         idle = [socket.create_connection((host, int(port))) for _ in range(300)]
