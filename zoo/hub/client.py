@@ -111,10 +111,12 @@ class _Pull:
         a cached copy that does not match its ETag is evicted and fetched again."""
         from huggingface_hub import errors as hf
         from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+        def cached() -> Path:
+            return self._sound(Path(hf_hub_download(self.repo_id, CHECKSUMS, revision=self.revision,
+                                                    cache_dir=self.cache, local_files_only=True)))
         try:
             if self.offline:
-                return self._sound(Path(hf_hub_download(self.repo_id, CHECKSUMS, revision=self.revision,
-                                                        cache_dir=self.cache, local_files_only=True)))
+                return cached()
             url = hf_hub_url(self.repo_id, CHECKSUMS, revision=self.revision, endpoint=self.endpoint)
             try:
                 meta = get_hf_file_metadata(url, token=False, timeout=TIMEOUT, headers=self.headers)
@@ -122,8 +124,7 @@ class _Pull:
                 raise
             except Exception as e:  # the hub is down or unreachable: the cache may hold the revision
                 try:
-                    return self._sound(Path(hf_hub_download(self.repo_id, CHECKSUMS, revision=self.revision,
-                                                            cache_dir=self.cache, local_files_only=True)))
+                    return cached()
                 except hf.LocalEntryNotFoundError as missing:
                     raise missing from e
             commit, etag = meta.commit_hash or "", meta.etag or ""
