@@ -232,15 +232,30 @@ def test_sharded_memory_per_rank_and_the_plan_agree(tmp_path):
     for rank in sharded:
         assert rank["params"] + rank["grads"] + rank["optimizer"] <= 1.1 / 2 * state, (rank, one)
         assert rank["init_peak"] < 0.85 * one["params"], (rank, one)  # never the whole model at once
+        assert rank["init_equal"]  # the initial weights, gathered, are a single process's bit for bit
     experts = memory(tmp_path, 2, "tiny-moe-hybridnorm", "--ep", "2")
     for rank in experts:
         assert rank["expert_params"] <= 1.1 / 2 * one["expert_params"], (rank, one)
+        assert rank["init_equal"]
     rows = {(r.dp_shard, r.ep): r for r in plan(get_config("tiny-moe-hybridnorm"), "tiny", gpus=2, gpu_memory=80e9,
                                                 micro_batch=2, seq_len=32, precision="fp32").rows}
     for measured, row in ((sharded, rows[(2, 1)]), (experts, rows[(1, 2)])):
         for key, planned in (("params", row.params), ("grads", row.grads), ("optimizer", row.optimizer)):
             got = max(rank[key] for rank in measured)
             assert abs(planned - got) <= 0.1 * got, (key, planned, got)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ladder-20m-dense-hybridnorm", "ladder-20m-moe-hybridnorm"])
+def test_initializing_a_sharded_model_peaks_under_its_share_plus_its_largest_weight(tmp_path, name):
+    """Building and initializing at N = 2 and 4 FSDP ranks allocates at most 1.2/N of the model plus its largest
+    parameter (the embedding, drawn whole into one buffer whose part each rank keeps), and the weights are a
+    single process's bit for bit."""
+    for n in (2, 4):
+        for rank in memory(tmp_path, n, name, "--dp-shard", str(n)):
+            bound = 1.2 / n * rank["model_params"] + rank["largest_param"]
+            assert rank["init_peak"] < bound, (n, rank["init_peak"], bound)
+            assert rank["init_equal"]
 
 
 @pytest.mark.parametrize("name", ["tiny-dense-hybridnorm", "tiny-moe-hybridnorm"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -42,4 +43,54 @@ class Init:
     @torch.no_grad()
     def __call__(self, weight: torch.Tensor, role: str) -> None:
         std = self.std_for(role)
-        nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-self.cutoff * std, b=self.cutoff * std)
+        trunc_normal_(weight, std, -self.cutoff * std, self.cutoff * std)
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float, a: float, b: float) -> torch.Tensor:
+    """``nn.init.trunc_normal_(tensor, 0, std, a, b)``: the same numbers from the same generator (its rejection
+    sampling: draw the whole tensor again while any value lies outside [a, b], each value taking its first draw
+    inside), with one buffer the size of ``tensor`` beside it where torch's holds three. Falls back to torch's
+    for a non-contiguous tensor or bounds narrow enough that torch samples otherwise."""
+    if not tensor.is_contiguous() or inside_probability(std, a, b) <= 0.3:
+        return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=a, b=b)
+    lo, hi = tensor.new_tensor(a, device="cpu").item(), tensor.new_tensor(b, device="cpu").item()
+    tensor.normal_(0.0, std)
+    buffer: list[torch.Tensor] = []
+
+    def draw() -> torch.Tensor:
+        if not buffer:
+            buffer.append(torch.empty_like(tensor))
+        return buffer[0].normal_(0.0, std)
+
+    index, values = redraw_outside(tensor, draw, lo, hi)
+    tensor.view(-1)[index] = values
+    return tensor
+
+
+def inside_probability(std: float, a: float, b: float) -> float:
+    """The share of N(0, std) inside [a, b]; above 0.3 torch's trunc_normal_ samples by rejection."""
+    def cdf(x: float) -> float:
+        return (1.0 + math.erf(x / math.sqrt(2.0))) / 2.0
+    return cdf(b / std) - cdf(a / std)
+
+
+def redraw_outside(first: torch.Tensor, draw: Callable[[], torch.Tensor], lo: float, hi: float,
+                   chunk: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated-normal rejection sampling after the first draw ``first``: while any value so far lies outside
+    [lo, hi], ``draw()`` the whole tensor again (a tensor of ``first``'s size, which may be ``first`` itself once
+    its values are no longer needed). Returns the flat indices of the values that were outside in ``first`` and
+    the first value inside that each got; nothing but those few is kept."""
+    flat = first.view(-1)
+    outside = [start + torch.nonzero((part < lo) | (part > hi)).view(-1)
+               for start, part in zip(range(0, flat.numel(), chunk), flat.split(chunk))]
+    pending = torch.cat(outside) if outside else flat.new_zeros(0, dtype=torch.long)
+    index, values = [], []
+    while pending.numel():
+        drawn = draw().view(-1)[pending]
+        inside = (drawn >= lo) & (drawn <= hi)
+        index.append(pending[inside])
+        values.append(drawn[inside])
+        pending = pending[~inside]
+    if not index:
+        return pending, flat.new_zeros(0)
+    return torch.cat(index), torch.cat(values)

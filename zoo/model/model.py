@@ -23,6 +23,20 @@ from .generate import GenerationError, generate
 from .init import Init
 from .strategy import MakeNorm, NormStrategy
 
+_OVERWRITING = (nn.Linear.reset_parameters, nn.Embedding.reset_parameters)  # they write every value anew
+
+
+@dataclass(frozen=True)
+class InitStep:
+    """One step of a model's initialization: ``run()`` writes ``module``'s weights. ``overwrites``: every value
+    of the module's own parameters is written (none read); ``whole``: ``run()`` is ``init(module.weight,
+    role)`` alone, given as (init, role), so that a sharded weight can be drawn without gathering it."""
+
+    module: nn.Module
+    run: Callable[[], None]
+    overwrites: bool = False
+    whole: Optional[tuple[Init, str]] = None
+
 
 @dataclass(frozen=True)
 class Components:
@@ -105,28 +119,27 @@ class ZooModel(nn.Module):
     def init_weights(self) -> None:
         """Initialize every weight: linears and embeddings by PyTorch's defaults, then norms by their own
         ``reset_parameters``, then by role."""
-        for _, run in self.init_steps():
-            run()
+        for step in self.init_steps():
+            step.run()
 
-    def init_steps(self) -> list[tuple[nn.Module, Callable[[], None]]]:
-        """The initialization in order, as (module, step) pairs: each step writes only its module's weights
-        and buffers. zoo.distributed runs them one module at a time on sharded weights, drawing the random
-        numbers a single process would."""
+    def init_steps(self) -> list["InitStep"]:
+        """The initialization in order: each step writes only its module's weights and buffers. zoo.distributed
+        runs them one at a time on sharded weights, drawing the random numbers a single process would."""
         linear = (nn.Linear, nn.Embedding)  # PyTorch's defaults first, as construction drew them
-        steps: list[tuple[nn.Module, Callable[[], None]]] = [
-            (m, m.reset_parameters) for m in self.modules() if isinstance(m, linear)]
-        steps += [(m, m.reset_parameters) for m in self.modules()
+        steps = [InitStep(m, m.reset_parameters, overwrites=type(m).reset_parameters in _OVERWRITING)
+                 for m in self.modules() if isinstance(m, linear)]
+        steps += [InitStep(m, m.reset_parameters) for m in self.modules()
                   if not isinstance(m, (*linear, ZooModel)) and hasattr(m, "reset_parameters")]
         base = Init.from_config(self.cfg)
-        steps.append((self.embed, lambda: base(self.embed.weight, "embed")))  # the weight as it is when run
+        steps.append(InitStep(self.embed, lambda: base(self.embed.weight, "embed"), whole=(base, "embed")))
         if self.head is not None:
-            steps.append((self.head, lambda: base(self.head.weight, "head")))
+            steps.append(InitStep(self.head, lambda: base(self.head.weight, "head"), whole=(base, "head")))
         for block in self.blocks:
             init = block.strategy.init_scheme(base)
             for part in (block.attn, block.ffn):
                 if not hasattr(part, "init_weights"):
                     raise ConfigError(f"{type(part).__name__} has no init_weights(init); see docs/plugins.md")
-                steps.append((part, functools.partial(part.init_weights, init)))
+                steps.append(InitStep(part, functools.partial(part.init_weights, init)))
         return steps
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, cache: Optional[KVCache] = None,
