@@ -195,3 +195,21 @@ def test_hybridnorm_uses_same_init():
     r = roles(model)
     check_trunc_normal(torch.cat([w.flatten() for w in r["v"]]), SIGMA, 3.0, "v")
     check_trunc_normal(torch.cat([w.flatten() for w in r["o"]]), SIGMA / math.sqrt(2), 3.0, "o")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("cutoff", [3.0, 1.5, 0.5, 0.2])
+def test_trunc_normal_draws_torchs_numbers(dtype, cutoff):
+    """zoo's trunc_normal_ (one buffer beside the tensor) gives torch's values and leaves the generator where
+    torch's leaves it, whatever the dtype, shape and bounds (0.2: torch's other sampling, used as it is)."""
+    from zoo.model.init import trunc_normal_
+    for shape in [(7,), (300, 129), (64, 3, 5)]:
+        for seed in range(3):
+            std = 0.02
+            torch.manual_seed(seed)
+            want = torch.nn.init.trunc_normal_(torch.empty(shape, dtype=dtype), 0.0, std, -cutoff * std, cutoff * std)
+            after_torch = torch.rand(4)
+            torch.manual_seed(seed)
+            got = trunc_normal_(torch.empty(shape, dtype=dtype), std, -cutoff * std, cutoff * std)
+            assert torch.equal(got, want) and torch.equal(torch.rand(4), after_torch), (shape, seed)
+            assert got.abs().max() <= cutoff * std
