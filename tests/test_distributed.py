@@ -222,7 +222,7 @@ def memory(tmp_path, nproc, name, *options):
 
 def test_sharded_memory_per_rank_and_the_plan_agree(tmp_path):
     """Under FSDP2 at N ranks each rank holds at most 1.1/N of one process's weights, gradients and AdamW
-    state, and building and initializing it never holds the whole model (it gathers one module at a time);
+    state, and building and initializing it never holds the whole model (it holds one weight whole at a time);
     under --ep 2 a rank holds at most 1.1/2 of the experts; `zoo plan`'s figures are within 10% of these."""
     from zoo.api import get_config
     from zoo.distributed.plan import plan
@@ -245,12 +245,21 @@ def test_sharded_memory_per_rank_and_the_plan_agree(tmp_path):
             assert abs(planned - got) <= 0.1 * got, (key, planned, got)
 
 
+def test_an_init_that_writes_more_than_its_init_calls_is_run_on_gathered_weights(tmp_path):
+    """With a q/k/v bias, the attention's init_weights also zeroes the bias itself, so its calls of ``init``
+    cannot be replayed one weight at a time; the step runs on gathered weights, and they are still a single
+    process's bit for bit."""
+    bias = ["--set", "attention.options.qkv_bias=true"]
+    for rank in memory(tmp_path, 2, "tiny-dense-hybridnorm", "--dp-shard", "2", *bias):
+        assert rank["init_equal"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ladder-20m-dense-hybridnorm", "ladder-20m-moe-hybridnorm"])
+@pytest.mark.parametrize("name", ["ladder-20m-dense-hybridnorm", "ladder-20m-moe-hybridnorm", "tiny-moe-hybridnorm"])
 def test_initializing_a_sharded_model_peaks_under_its_share_plus_its_largest_weight(tmp_path, name):
     """Building and initializing at N = 2 and 4 FSDP ranks allocates at most 1.2/N of the model plus its largest
-    parameter (the embedding, drawn whole into one buffer whose part each rank keeps), and the weights are a
-    single process's bit for bit."""
+    parameter (one weight or piece of one is drawn whole at a time, each rank keeping its part), and the weights
+    are a single process's bit for bit."""
     for n in (2, 4):
         for rank in memory(tmp_path, n, name, "--dp-shard", str(n)):
             bound = 1.2 / n * rank["model_params"] + rank["largest_param"]

@@ -75,13 +75,13 @@ def inside_probability(std: float, a: float, b: float) -> float:
 
 
 def redraw_outside(first: torch.Tensor, draw: Callable[[], torch.Tensor], lo: float, hi: float,
-                   chunk: int = 1 << 18) -> tuple[torch.Tensor, torch.Tensor]:
+                   chunk: int = 1 << 15) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated-normal rejection sampling after the first draw ``first``: while any value so far lies outside
     [lo, hi], ``draw()`` the whole tensor again (a tensor of ``first``'s size, which may be ``first`` itself once
     its values are no longer needed). Returns the flat indices of the values that were outside in ``first`` and
     the first value inside that each got; nothing but those few is kept."""
     flat = first.view(-1)
-    outside = [start + torch.nonzero((part < lo) | (part > hi)).view(-1)
+    outside = [start + torch.nonzero((part < lo).logical_or_(part > hi)).view(-1)
                for start, part in zip(range(0, flat.numel(), chunk), flat.split(chunk))]
     pending = torch.cat(outside) if outside else flat.new_zeros(0, dtype=torch.long)
     index, values = [], []

@@ -30,12 +30,15 @@ _OVERWRITING = (nn.Linear.reset_parameters, nn.Embedding.reset_parameters)  # th
 class InitStep:
     """One step of a model's initialization: ``run()`` writes ``module``'s weights. ``overwrites``: every value
     of the module's own parameters is written (none read); ``whole``: ``run()`` is ``init(module.weight,
-    role)`` alone, given as (init, role), so that a sharded weight can be drawn without gathering it."""
+    role)`` alone, given as (init, role), so that a sharded weight can be drawn without gathering it;
+    ``through``: ``run()`` is ``module.init_weights(through)``, whose calls of ``through`` can be replayed one
+    weight at a time."""
 
     module: nn.Module
     run: Callable[[], None]
     overwrites: bool = False
     whole: Optional[tuple[Init, str]] = None
+    through: Optional[Init] = None
 
 
 @dataclass(frozen=True)
@@ -139,7 +142,7 @@ class ZooModel(nn.Module):
             for part in (block.attn, block.ffn):
                 if not hasattr(part, "init_weights"):
                     raise ConfigError(f"{type(part).__name__} has no init_weights(init); see docs/plugins.md")
-                steps.append(InitStep(part, functools.partial(part.init_weights, init)))
+                steps.append(InitStep(part, functools.partial(part.init_weights, init), through=init))
         return steps
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None, *, cache: Optional[KVCache] = None,
