@@ -231,7 +231,7 @@ def test_sharded_memory_per_rank_and_the_plan_agree(tmp_path):
     sharded = memory(tmp_path, 2, "tiny-moe-hybridnorm", "--dp-shard", "2")
     for rank in sharded:
         assert rank["params"] + rank["grads"] + rank["optimizer"] <= 1.1 / 2 * state, (rank, one)
-        assert rank["init_peak"] < 0.85 * one["params"], (rank, one)  # never the whole model at once
+        assert rank["init_peak"] < 1.2 / 2 * rank["model_params"] + rank["largest_param"], rank  # never it all
         assert rank["init_equal"]  # the initial weights, gathered, are a single process's bit for bit
     experts = memory(tmp_path, 2, "tiny-moe-hybridnorm", "--ep", "2")
     for rank in experts:
@@ -255,7 +255,8 @@ def test_an_init_that_writes_more_than_its_init_calls_is_run_on_gathered_weights
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["ladder-20m-dense-hybridnorm", "ladder-20m-moe-hybridnorm", "tiny-moe-hybridnorm"])
+@pytest.mark.parametrize("name", ["ladder-20m-dense-hybridnorm", "ladder-20m-moe-hybridnorm", "tiny-dense-hybridnorm",
+                                  "tiny-moe-hybridnorm"])
 def test_initializing_a_sharded_model_peaks_under_its_share_plus_its_largest_weight(tmp_path, name):
     """Building and initializing at N = 2 and 4 FSDP ranks allocates at most 1.2/N of the model plus its largest
     parameter (one weight or piece of one is drawn whole at a time, each rank keeping its part), and the weights

@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ..model.init import inside_probability, redraw_outside
 
-CHUNK = 1 << 20  # elements of a weight looked at at once when patching a shard
+CHUNK = 1 << 16  # elements of a weight looked at at once when patching a shard
 
 
 def local_part(full: torch.Tensor, like: DTensor) -> torch.Tensor:
@@ -61,24 +61,30 @@ def init_sharded(model: nn.Module) -> None:
             continue
         if step.through is not None and replay_per_weight(step.module, step.through):
             continue
-        swapped: list[tuple[nn.Module, str, DTensor]] = []
-        for owner in step.module.modules():
-            for name, p in owner._parameters.items():
-                if isinstance(p, DTensor):
-                    swapped.append((owner, name, p))
-                    if step.overwrites and owner is step.module:  # its values are all written anew
-                        full = torch.empty(p.shape, dtype=torch.float32 if p.is_floating_point() else p.dtype,
-                                           device=p.to_local().device)
-                    else:
-                        full = p.full_tensor()  # initialized in fp32, as build_model does before any cast
-                        full = full.float() if full.is_floating_point() else full
-                    owner._parameters[name] = nn.Parameter(full, requires_grad=p.requires_grad)
-        try:
-            step.run()
-        finally:
-            for owner, name, p in swapped:
-                p.to_local().copy_(local_part(owner._parameters[name].data, p))
-                owner._parameters[name] = p
+        run_gathered(step)
+
+
+def run_gathered(step: Any) -> None:
+    """Run ``step`` on whole copies of its module's sharded weights (gathered, or empty where the step writes
+    every value), then keep each rank's part; the copies go when this returns."""
+    swapped: list[tuple[nn.Module, str, DTensor]] = []
+    for owner in step.module.modules():
+        for name, p in owner._parameters.items():
+            if isinstance(p, DTensor):
+                swapped.append((owner, name, p))
+                if step.overwrites and owner is step.module:  # its values are all written anew
+                    full = torch.empty(p.shape, dtype=torch.float32 if p.is_floating_point() else p.dtype,
+                                       device=p.to_local().device)
+                else:
+                    full = p.full_tensor()  # initialized in fp32, as build_model does before any cast
+                    full = full.float() if full.is_floating_point() else full
+                owner._parameters[name] = nn.Parameter(full, requires_grad=p.requires_grad)
+    try:
+        step.run()
+    finally:
+        for owner, name, p in swapped:
+            p.to_local().copy_(local_part(owner._parameters[name].data, p))
+            owner._parameters[name] = p
 
 
 def draw_sharded(weight: DTensor, std: float, a: float, b: float) -> None:
@@ -182,4 +188,5 @@ def replay_per_weight(module: nn.Module, init: Any) -> bool:
         if lo < hi:
             local = p.to_local().view(-1)
             local[lo - start * row:hi - start * row].copy_(buffer.view(-1)[lo - offset:hi - offset])
+        del buffer  # before the next piece's is made
     return True
