@@ -181,3 +181,18 @@ def test_connections_over_the_limit_get_503_and_pulls_wait_for_a_slot(published,
         finally:
             for s in idle:
                 s.close()
+
+
+def test_a_file_kept_in_git_is_checked_against_its_git_id(published, tmp_path):  # noqa: F811
+    """The Hub's ETag for a file kept in git (not LFS) is git's blob id; the transfer checks that id too."""
+    from zoo.hub.listing import git_blob_id
+    from zoo.hub.transfer import GIT_SHA1, ChecksumError, download_verified, etag_algorithm
+    data = (published.folder / "config.yaml").read_bytes()
+    assert etag_algorithm(git_blob_id(data)) == GIT_SHA1
+    with serve_background(published.dir) as url:
+        file_url = f"{url}/zoo/{NAME}/resolve/main/config.yaml"
+        download_verified(file_url, tmp_path / "good", git_blob_id(data), algorithm=GIT_SHA1)
+        assert (tmp_path / "good").read_bytes() == data
+        with pytest.raises(ChecksumError):
+            download_verified(file_url, tmp_path / "bad", git_blob_id(data + b"x"), algorithm=GIT_SHA1)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad.incomplete").exists()

@@ -20,6 +20,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Union
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None  # type: ignore[assignment]
+
 WEIGHTS_NAME = "model.safetensors"                   # a checkpoint (zoo.save), in runs and published repositories
 WEIGHTS_INDEX_NAME = WEIGHTS_NAME + ".index.json"    # ... when sharded, the HF-style index beside its shards
 TRAINER_STATE_NAME = "trainer.safetensors"           # a run's optimizer and RNG state, beside its weights
@@ -46,9 +51,7 @@ def _fsync_dir(folder: Path) -> None:
 
 def _hold(fd: int) -> bool:
     """Lock the open file ``fd`` for this process (True), or say that another holds it (False)."""
-    try:
-        import fcntl
-    except ImportError:  # no flock: every file counts as held, so none is removed as a leftover
+    if fcntl is None:  # no flock: every file counts as held, so none is removed as a leftover
         return True
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -70,9 +73,7 @@ def _held_temp(folder: Path, prefix: str, suffix: str) -> tuple[int, Path]:
 def abandoned(path: Path) -> bool:
     """Whether ``path`` (a temporary or claim file) was left by a process that died: no process holds its lock.
     Always False where files cannot be locked."""
-    try:
-        import fcntl  # noqa: F401 (only whether it exists)
-    except ImportError:
+    if fcntl is None:
         return False
     try:
         fd = os.open(path, os.O_RDONLY)

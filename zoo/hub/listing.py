@@ -11,11 +11,10 @@ An LFS file's blob id is that of its pointer file, as in a git repository on the
 from __future__ import annotations
 
 import datetime
-import hashlib
 from pathlib import Path
 from typing import Any, Optional
 
-from .protocol import CHECKSUMS, NAMESPACE, Repo, sha256_file
+from .protocol import CHECKSUMS, NAMESPACE, Repo, git_blob_hash, sha256_file
 
 LFS_SUFFIXES = (".safetensors",)
 LIBRARY = "hybridnorm-zoo"
@@ -24,7 +23,9 @@ AUTHOR = "hybridnorm-zoo"
 
 def git_blob_id(data: bytes) -> str:
     """git's object id of a blob holding ``data``."""
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    h = git_blob_hash(len(data))
+    h.update(data)
+    return h.hexdigest()
 
 
 def lfs_pointer(sha256: str, size: int) -> bytes:

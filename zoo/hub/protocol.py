@@ -11,7 +11,7 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from ..errors import ZooError
 from ..registry import check_name
@@ -37,6 +37,12 @@ def sha256_file(path: Union[str, Path]) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
         return h.hexdigest()
+
+
+def git_blob_hash(size: int) -> Any:
+    """A sha1 to feed a file of ``size`` bytes: its hex digest is git's id of that file (``blob <size>\\0`` then
+    the content), which the Hub gives as ETag and blob id of a file kept in git rather than LFS."""
+    return hashlib.sha1(b"blob %d\0" % size)
 
 
 def check_filename(filename: str, where: str) -> str:

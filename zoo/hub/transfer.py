@@ -22,6 +22,7 @@ the folders of a ``CacheRepo``), under the same lock file, so huggingface_hub fi
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import mmap
 import os
@@ -42,7 +43,7 @@ from blake3 import blake3
 from filelock import FileLock
 
 from ..files import blake3_file, write_text
-from .protocol import HubError, sha256_file
+from .protocol import HubError, git_blob_hash, sha256_file
 
 STEP = 1 << 20  # bytes per splice / readinto, and per progress-bar update
 SMALL = 1 << 20  # a body of at most this many bytes (the whole file) is read, hashed and written at once
@@ -133,20 +134,6 @@ class _RedirectPolicy(urllib.request.HTTPRedirectHandler):
 GIT_SHA1 = "git-sha1"  # the id git gives a file: an HF hub's ETag for a file kept in git rather than LFS
 
 
-class _GitBlobSha1:
-    """sha1 of ``blob <size>\\0`` then the content: git's object id, which needs the size up front."""
-
-    def __init__(self, size: int, data: bytes = b""):
-        self._hash = hashlib.sha1(b"blob %d\0" % size)
-        self._hash.update(data)
-
-    def update(self, data: Any) -> None:
-        self._hash.update(data)
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
-
-
 def new_hash(algorithm: str, data: bytes = b"", size: Optional[int] = None) -> Any:
     """A hashlib-style object for ``algorithm``: ``sha256`` (or any hashlib name), ``blake3``, or ``git-sha1``
     (which needs the whole file's ``size``)."""
@@ -155,7 +142,9 @@ def new_hash(algorithm: str, data: bytes = b"", size: Optional[int] = None) -> A
     if algorithm == GIT_SHA1:
         if size is None:
             raise ValueError("git-sha1 needs the file's size")
-        return _GitBlobSha1(size, data)
+        h = git_blob_hash(size)
+        h.update(data)
+        return h
     return hashlib.new(algorithm, data)
 
 
@@ -246,21 +235,23 @@ def reserve(fd: int, start: int, end: int) -> None:
     """Allocate the disk blocks of bytes ``start``-``end`` of a file up front without changing its size (Linux
     ``fallocate`` with ``FALLOC_FL_KEEP_SIZE``): writes then need no allocation as the file grows, and the size
     still counts only the bytes written, so a killed download resumes from there. Elsewhere, nothing."""
-    global _fallocate
-    if _fallocate is None:
-        _fallocate = False
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-                _fallocate = ctypes.CDLL(None, use_errno=True).fallocate
-                _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-            except (OSError, AttributeError):
-                pass
-    if _fallocate:
-        _fallocate(fd, 1, start, end - start)  # 1: FALLOC_FL_KEEP_SIZE; a failure (e.g. no support) changes nothing
+    fallocate = _fallocate()
+    if fallocate is not None:
+        fallocate(fd, 1, start, end - start)  # 1: FALLOC_FL_KEEP_SIZE; a failure (e.g. no support) changes nothing
 
 
-_fallocate: Any = None
+@functools.lru_cache(maxsize=None)
+def _fallocate() -> Optional[Callable[..., int]]:
+    """libc's ``fallocate`` on Linux, else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate
+    except (OSError, AttributeError):
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    return fallocate
 
 
 class _Download:
@@ -370,10 +361,10 @@ class _Download:
                     return
                 if end > start:
                     reserve(self.fd, start, end)
-                if end > start and hasattr(os, "splice") and urlsplit(r.geturl()).scheme == "http":
-                    self._splice(r, end)
-                elif end > start:
-                    self._copy(r, end)
+                    if hasattr(os, "splice") and urlsplit(r.geturl()).scheme == "http":
+                        self._splice(r, end)
+                    else:
+                        self._copy(r, end)
             if self.got < end:
                 raise TruncatedError(f"the connection{self.sender()} closed after {self.got} of {end} bytes, which are "
                                      f"kept in {self.part} for the next pull to resume")
