@@ -1,20 +1,22 @@
 """Built-in attention: ``mha``, covering MHA, GQA and MQA by ``n_kv_heads``.
 
 The Q/K/V norms the norm strategy asks for come from the base class's helpers (``add_qkv_norms``,
-``normalize_qkv``): after the projection, before RoPE, per head or at full width. RoPE is
-rotate-half (``zoo.nn.rope_tables``). ``attention.options.qkv_bias=true`` adds a bias to the fused
-q/k/v projection (Qwen2 / Qwen2-MoE).
+``normalize_qkv``): after the projection, before RoPE, per head or at full width. RoPE follows the
+config (``zoo.nn.Rope``: rotate-half or interleaved, YaRN). ``attention.options.qkv_bias=true`` adds a
+bias to the fused q/k/v projection (Qwen2 / Qwen2-MoE). Multi-head latent attention, ``mla``, is in
+plugins/latent_attention.py and registered here.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import Tensor, nn
 
 import zoo
-from zoo.nn import LayerCache, Linear, apply_rope, attention, max_logit, rope_tables, rope_tables_at
+from zoo.nn import LayerCache, Linear, Rope, allowed_keys, attention, max_logit
+
+from .latent_attention import MultiHeadLatentAttention
 
 
 class MultiHeadAttention(zoo.Attention):
@@ -35,7 +37,7 @@ class MultiHeadAttention(zoo.Attention):
     def __init__(self, cfg, layer, make_norm, *, qkv_norm=(), qkv_norm_width="head", options=None):
         super().__init__(cfg, layer, make_norm, qkv_norm=qkv_norm, qkv_norm_width=qkv_norm_width, options=options)
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_size
-        self.rope_theta = cfg.attention.rope_theta
+        self.rope = Rope.of(cfg, self.head_dim)
         self.window = cfg.attention.sliding_window
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.split = (q_dim, kv_dim, kv_dim)
@@ -54,20 +56,8 @@ class MultiHeadAttention(zoo.Attention):
         if self.qkv.bias is not None:
             nn.init.zeros_(self.qkv.bias)
 
-    def _allowed(self, mask: Optional[Tensor], T: int, S: int, device: torch.device) -> Optional[Tensor]:
-        """Which keys each query sees, ``(B, 1, T, S)`` bool, or None for plain causal attention."""
-        if mask is None and S != T:  # cached, unpadded: causal aligned to the last key
-            mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None]
-        if mask is not None:
-            allowed = mask[:, None]
-            if self.window is not None:
-                i = torch.arange(S - T, S, device=device)[:, None]
-                allowed = allowed & (torch.arange(S, device=device)[None, :] > i - self.window)
-            return allowed
-        if self.window is not None and self.window < T:
-            i = torch.arange(T, device=device)
-            return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - self.window)
-        return None
+    def cache_values_per_token(self) -> int:
+        return 2 * self.n_kv_heads * self.head_dim
 
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None, positions: Optional[Tensor] = None,
                 mask: Optional[Tensor] = None) -> Tensor:
@@ -77,15 +67,12 @@ class MultiHeadAttention(zoo.Attention):
         k = k.view(B, T, self.n_kv_heads, self.head_dim)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = self.normalize_qkv(q, k, v)
-        if positions is None:
-            cos, sin = rope_tables(T, self.head_dim, self.rope_theta, x.device, q.dtype)
-        else:
-            cos, sin = rope_tables_at(positions, self.head_dim, self.rope_theta, q.dtype)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        cos, sin = self.rope.tables(T, x.device, q.dtype) if positions is None else self.rope.tables_at(positions, q.dtype)
+        q, k = self.rope.apply(q, cos, sin), self.rope.apply(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(k, v, dim=2)
-        allowed = self._allowed(mask, T, k.shape[2], x.device)
+        allowed = allowed_keys(mask, T, k.shape[2], x.device, self.window)
         if self.record_max_logit:
             group = self.n_heads // self.n_kv_heads
             kk = k.repeat_interleave(group, dim=1) if group > 1 else k
@@ -97,3 +84,4 @@ class MultiHeadAttention(zoo.Attention):
 @zoo.hookimpl
 def register_attention(register):
     register("mha", MultiHeadAttention)
+    register("mla", MultiHeadLatentAttention)

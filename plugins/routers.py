@@ -14,7 +14,7 @@ from torch import Tensor
 
 import zoo
 from zoo import ConfigError
-from zoo.moe import Router, Routing, softmax_topk
+from zoo.moe import Router, RouterContext, Routing, softmax_topk
 
 
 class TopKRouter(Router):
@@ -37,6 +37,8 @@ class TopKRouter(Router):
 class SwitchRouter(Router):
     """Switch (Fedus et al. 2021): top-1, gate ``p_{i*}``; with ``capacity_factor`` each expert keeps
     its first ``C = ceil(T / E * cf)`` tokens in order and the rest are dropped (output 0)."""
+
+    check_overrides = ("moe.top_k=1",)  # what zoo.testing builds it with
 
     @dataclass
     class Options:
@@ -66,22 +68,32 @@ class SwitchRouter(Router):
 
 
 class SigmoidBiasRouter(Router):
-    """DeepSeek-V3 auxiliary-loss-free balancing: ``s = sigmoid(logits)``; experts chosen by the
-    top-k of ``s + b``, gated by ``s`` (divided by its selected sum when ``renormalize``, times
-    ``route_scale``). After each optimizer step ``b_i += update_rate * sign(mean_load - load_i)``.
+    """DeepSeek-V3 routing with auxiliary-loss-free balancing: ``s = sigmoid(logits)``; experts chosen by
+    the top-k of ``s + b``, gated by ``s`` (divided by its selected sum when ``renormalize``, times
+    ``route_scale``). With ``n_group > 1`` the choice is group-limited: the E experts form ``n_group``
+    groups, each scored by the sum of its two best ``s + b``, and only the ``topk_group`` best groups'
+    experts may be chosen. After each optimizer step ``b_i += update_rate * sign(mean_load - load_i)``.
     ``b`` is an fp32 buffer: in checkpoints, never in the optimizer. The bias does the balancing, so
     the load-balancing loss does not apply (``balancing_loss = False``)."""
 
     balancing_loss = False
+    hf_bias_name = "e_score_correction_bias"  # transformers' DeepseekV3 name of expert_bias (zoo convert)
 
     @dataclass
     class Options:
         update_rate: float = 1e-3
         renormalize: bool = True
         route_scale: float = 1.0
+        n_group: int = 1
+        topk_group: int = 1
 
     def __init__(self, cfg, layer_idx, options):
         super().__init__(cfg, layer_idx, options)
+        E, groups, best = self.num_experts, options.n_group, options.topk_group
+        if groups < 1 or E % groups or not 1 <= best <= groups or self.top_k > best * (E // groups):
+            raise ConfigError(f"moe.router_options.n_group ({groups}) must divide moe.num_experts ({E}), "
+                              f"topk_group ({best}) must lie in [1, n_group], and the chosen groups must hold at "
+                              f"least moe.top_k ({self.top_k}) experts")
         self.register_buffer("expert_bias", torch.zeros(self.num_experts))
         self.pending_load: Optional[Tensor] = None  # assignments per expert since the last update
 
@@ -96,7 +108,15 @@ class SigmoidBiasRouter(Router):
 
     def route(self, logits: Tensor) -> Routing:
         scores = torch.sigmoid(logits)
-        _, indices = torch.topk(scores + self.expert_bias, self.top_k, dim=-1)
+        choice = scores + self.expert_bias
+        groups = self.options.n_group
+        if groups > 1:
+            by_group = choice.view(-1, groups, self.num_experts // groups)
+            group_scores = by_group.topk(min(2, by_group.shape[-1]), dim=-1).values.sum(dim=-1)
+            kept = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(
+                1, group_scores.topk(self.options.topk_group, dim=-1).indices, True)
+            choice = by_group.masked_fill(~kept[..., None], float("-inf")).view_as(choice)
+        _, indices = torch.topk(choice, self.top_k, dim=-1)
         weights = scores.gather(-1, indices)
         if self.options.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -163,6 +183,7 @@ class ExpertChoiceRouter(Router):
 
     balancing_loss = False
     causal = False
+    check_overrides = ("moe.router_options.allow_causal=true",)
 
     @dataclass
     class Options:
@@ -195,6 +216,35 @@ class ExpertChoiceRouter(Router):
                        top_k=max(1, round(capacity * E / T)))
 
 
+class HashRouter(Router):
+    """Hash layers (Roller et al. 2021): token id ``t`` goes to expert ``h(t) mod E``, with ``h`` a fixed
+    multiplicative hash (Knuth's, salted by ``seed``), so a token's expert never changes and needs no
+    learning. Top-1; the gate is the softmax probability of that expert, as Switch gates its choice, so
+    the router still learns how much of the expert to take. Needs the token ids of the router context."""
+
+    balancing_loss = False
+    check_overrides = ("moe.top_k=1",)
+
+    @dataclass
+    class Options:
+        seed: int = 0
+
+    def __init__(self, cfg, layer_idx, options):
+        super().__init__(cfg, layer_idx, options)
+        if self.top_k != 1:
+            raise ConfigError(f"the hash router sends each token to one expert: set moe.top_k=1 (got {self.top_k})")
+
+    def route(self, logits: Tensor, context: RouterContext) -> Routing:
+        if context.token_ids is None:
+            raise ConfigError("the hash router routes by token id, and this MoE layer was called without the "
+                              "token ids (call the model, or pass token_ids to the MoE layer)")
+        salt = (self.options.seed * 0x9E3779B1 + context.layer) & 0xFFFFFFFF
+        hashed = (context.token_ids.long() * 2654435761 + salt) & 0xFFFFFFFF
+        indices = (hashed % self.num_experts)[:, None]
+        probs = F.softmax(logits, dim=-1)
+        return self.token_choice(logits, probs, probs.gather(-1, indices), indices)
+
+
 @zoo.hookimpl
 def register_routers(register):
     register("topk", TopKRouter)
@@ -202,3 +252,4 @@ def register_routers(register):
     register("sigmoid-bias", SigmoidBiasRouter)
     register("sinkhorn", SinkhornRouter)
     register("expert-choice", ExpertChoiceRouter)
+    register("hash", HashRouter)

@@ -13,6 +13,7 @@ from safetensors import safe_open
 
 import zoo
 from zoo.checkpoint import CheckpointError
+from zoo.errors import MissingPluginError
 
 
 def logits(model, idx):
@@ -212,8 +213,10 @@ def test_config_naming_an_unknown_plugin(tmp_path):
     cfg = json.loads(meta["config"])
     cfg["norm_strategy"] = "fancy-norm"
     save_file(model.state_dict(), str(path), metadata={**meta, "config": json.dumps(cfg)})
-    with pytest.raises(zoo.UnknownNameError, match="unknown norm strategy 'fancy-norm'"):
+    with pytest.raises(MissingPluginError) as e:
         zoo.load(path)
+    assert str(e.value) == (f"{path} uses plugins that are not installed: norm strategy 'fancy-norm' (the checkpoint "
+                            "does not record which package provides it)")
 
 
 @pytest.mark.parametrize("shard_bytes", [None, 100_000])

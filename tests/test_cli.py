@@ -97,13 +97,14 @@ def test_plugins_json(results):
     assert set(builtins) <= set(records)
     for name in builtins:
         r = records[name]
-        assert set(r) == {"name", "source", "status", "error", "registered"}
-        assert r["status"] == "ok" and r["error"] is None
+        assert set(r) == {"name", "source", "status", "error", "registered", "dist", "version", "conflicts"}
+        assert r["status"] == "ok" and r["error"] is None and r["conflicts"] == []
+        assert (r["dist"], r["version"]) == ("hybridnorm-zoo", zoo.__version__)
         assert "hybridnorm-zoo" in r["source"]
     assert {"prenorm", "postnorm", "hybridnorm", "hybridnorm-star"} <= set(
         records["zoo.norm_strategies"]["registered"]["norm strategy"])
     assert records["zoo.norm_layers"]["registered"] == {"norm layer": ["rmsnorm", "layernorm", "dyt"]}
-    assert records["zoo.attention"]["registered"] == {"attention": ["mha"]}
+    assert records["zoo.attention"]["registered"] == {"attention": ["mha", "mla"]}
     variants = records["zoo.variants"]["registered"]["variant"]
     assert set(zoo.list_models("tiny-dense-*")) <= set(variants)
     assert "olmo2-1b-hybridnorm" in variants

@@ -209,7 +209,7 @@ def test_server_speaks_the_resolve_protocol_and_serves_nothing_outside_dir(publi
                            (f"/other/{NAME}/resolve/main/{CHECKSUMS}", "RepoNotFound"),
                            (f"/zoo/{NAME}/resolve/v2/{CHECKSUMS}", "RevisionNotFound"),
                            (f"/zoo/{NAME}/resolve/main/missing.bin", "EntryNotFound"),
-                           (f"/zoo/..%2F..%2Fetc/resolve/main/passwd", "RepoNotFound"),
+                           ("/zoo/..%2F..%2Fetc/resolve/main/passwd", "RepoNotFound"),
                            (f"/zoo/{NAME}/resolve/main/..%2F..%2Fsecret.txt", "EntryNotFound"),
                            (f"/zoo/{NAME}/resolve/main/../../secret.txt", "EntryNotFound"),
                            ("/zoo/evil/resolve/main/leak.txt", "EntryNotFound")]:  # symlink out of DIR

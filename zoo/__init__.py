@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .errors import ConfigError, PluginError, UnknownNameError, ZooError
 from .hookspecs import hookimpl
 from .model import Attention, Init, ModelOutput, ModelStats, NormStrategy, ZooModel
+from .moe import Router, RouterContext, Routing
 from .publishing import publish
 from .registry import REGISTRY
 from .variant import Variant
@@ -36,6 +37,7 @@ _install_compat()
 
 __all__ = [
     "Attention", "ConfigError", "Init", "ModelConfig", "ModelOutput", "ModelStats", "NormStrategy", "PluginError",
-    "UnknownNameError", "Variant", "ZooError", "ZooModel", "__version__", "build", "get_config", "hookimpl", "hub",
-    "kernels", "list_models", "load", "moe", "nn", "publish", "register_plugin", "save", "stats", "unregister_plugin",
+    "Router", "RouterContext", "Routing", "UnknownNameError", "Variant", "ZooError", "ZooModel", "__version__", "build",
+    "get_config", "hookimpl", "hub", "kernels", "list_models", "load", "moe", "nn", "publish", "register_plugin", "save",
+    "stats", "unregister_plugin",
 ]

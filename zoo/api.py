@@ -23,8 +23,9 @@ def _natural_key(name: str) -> list[Any]:
 
 
 def list_models(pattern: str = "*") -> list[str]:
-    """Variant names matching an fnmatch pattern, naturally sorted."""
-    names = REGISTRY.names("variant")
+    """Variant names matching an fnmatch pattern, naturally sorted; a name that two plugins register is
+    unusable and left out (``zoo plugins`` shows the conflict)."""
+    names = REGISTRY.names("variant", usable=True)
     return sorted((n for n in names if fnmatch.fnmatchcase(n, pattern)), key=_natural_key)
 
 

@@ -18,8 +18,17 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from .config import ConfigSource, ModelConfig, merge_config, resolve_options
-from .errors import ConfigError
-from .model import Components, MakeNorm, ModelStats, SwiGLU, ZooModel, count_params, forward_flops, kv_cache_bytes_per_token
+from .errors import ConfigError, MissingPluginError
+from .model import (
+    Components,
+    MakeNorm,
+    ModelStats,
+    SwiGLU,
+    ZooModel,
+    count_params,
+    forward_flops,
+    kv_cache_bytes_per_token,
+)
 from .moe import MoEFFN, Router
 from .registry import REGISTRY
 
@@ -72,6 +81,42 @@ def resolve(cfg: ModelConfig) -> Components:
     return Components(strategy, strategy_options, attention, attention_options, make_norm, make_ffn)
 
 
+def plugin_names(cfg: ModelConfig) -> list[tuple[str, str]]:
+    """The (kind, name) of every plugin ``cfg`` uses."""
+    names = [("norm strategy", cfg.norm_strategy), ("norm layer", cfg.norm_layer), ("attention", cfg.attention.type)]
+    return names + [("router", cfg.moe.router)] if cfg.is_moe else names
+
+
+def plugin_providers(cfg: ModelConfig) -> list[dict[str, Optional[str]]]:
+    """For each plugin name ``cfg`` uses: its kind and name, and the plugin and distribution that provide it."""
+    return [{"kind": kind, "name": name, **REGISTRY.provider(kind, name)} for kind, name in plugin_names(cfg)]
+
+
+def check_plugins(cfg: ModelConfig, recorded: list[dict[str, Any]], what: str) -> None:
+    """Raise, before any lookup suggests a wrong substitute, if a plugin name that ``cfg`` uses is not registered
+    here: every missing name at once, with the distribution to install where ``recorded`` (a checkpoint's
+    ``plugin_providers``) names it."""
+    known = {(r.get("kind"), r.get("name")): r for r in recorded if isinstance(r, dict)}
+    missing = [(kind, name) for kind, name in plugin_names(cfg) if name not in REGISTRY.names(kind)]
+    if not missing:
+        return
+    groups: dict[tuple[Optional[str], Optional[str], Optional[str]], list[str]] = {}
+    for kind, name in missing:
+        r = known.get((kind, name)) or {}
+        groups.setdefault((r.get("dist"), r.get("version"), r.get("plugin")), []).append(f"{kind} {name!r}")
+    parts = []
+    for (dist, version, plugin), names in groups.items():
+        if dist is not None:
+            parts.append(f"{', '.join(names)} (from {dist}{' ' + version if version else ''}: pip install {dist})")
+        elif plugin is not None:
+            parts.append(f"{', '.join(names)} (registered at run time by plugin {plugin!r}, from no installed "
+                         "package: register it again with zoo.register_plugin)")
+        else:
+            parts.append(f"{', '.join(names)} (the checkpoint does not record which package provides "
+                         f"{'them' if len(names) > 1 else 'it'})")
+    raise MissingPluginError(f"{what} uses plugins that are not installed: " + "; ".join(parts))
+
+
 def _norm_factory(cfg: ModelConfig) -> MakeNorm:
     """``make_norm(dim)`` for the configured norm layer, eps and options (checked against its signature)."""
     layer = REGISTRY.get("norm layer", cfg.norm_layer)
@@ -90,6 +135,8 @@ def _dense_ffn(cfg: ModelConfig, layer: int) -> nn.Module:
 
 
 def _moe_ffn(cfg: ModelConfig, router: type[Router], options: Any, layer: int) -> nn.Module:
+    if cfg.ffn_type(layer) == "dense":
+        return _dense_ffn(cfg, layer)
     return MoEFFN(cfg, layer, router(cfg, layer, options))
 
 
@@ -154,6 +201,6 @@ def model_stats(cfg: ModelConfig, seq_len: Optional[int] = None, flops: bool = T
         model = ZooModel(cfg, resolve(cfg))
     total, active = count_params(model)
     if not flops:
-        return ModelStats(total, active, None, None, kv_cache_bytes_per_token(cfg))
+        return ModelStats(total, active, None, None, kv_cache_bytes_per_token(model))
     seq_len = seq_len or cfg.max_seq_len
-    return ModelStats(total, active, forward_flops(model, seq_len) // seq_len, seq_len, kv_cache_bytes_per_token(cfg))
+    return ModelStats(total, active, forward_flops(model, seq_len) // seq_len, seq_len, kv_cache_bytes_per_token(model))

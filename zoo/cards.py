@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .builder import get_config, model_stats
+from .builder import empty_model, get_config, model_stats
 from .config import ModelConfig
 from .registry import REGISTRY
 from .text import human
@@ -31,14 +31,33 @@ CITATION = """@inproceedings{zhuo2025hybridnorm,
 }"""
 
 
+def _qkv_norms(cfg: ModelConfig) -> str:
+    """What each layer's attention normalizes, read from the built model (a strategy may set it per layer):
+    one statement when all layers agree, else one per run of equal layers."""
+    model = empty_model(cfg)
+    said = []
+    for block in model.blocks:
+        strategy = block.strategy
+        qkv = ", ".join(strategy.qkv_norm) if strategy.qkv_norm else "none"
+        said.append(f"{qkv} (width: {strategy.qkv_norm_width})" if strategy.qkv_norm else "none")
+    runs: list[tuple[int, int, str]] = []
+    for layer, text in enumerate(said):
+        if runs and runs[-1][2] == text:
+            runs[-1] = (runs[-1][0], layer, text)
+        else:
+            runs.append((layer, layer, text))
+    if len(runs) == 1:
+        return runs[0][2]
+    return "; ".join(f"layer{'s' if a != b else ''} {a}{f'-{b}' if a != b else ''}: {text}" for a, b, text in runs)
+
+
 def _placement(cfg: ModelConfig) -> str:
     strategy = REGISTRY.get("norm strategy", cfg.norm_strategy)
     doc = inspect.getdoc(strategy) or f"{cfg.norm_strategy} (no description)"
-    qkv = ", ".join(strategy.qkv_norm) if strategy.qkv_norm else "none"
     final = cfg.final_norm if cfg.final_norm is not None else strategy.final_norm
     embed = cfg.embed_norm if cfg.embed_norm is not None else strategy.embed_norm
     return (f"{doc}\n\nHere `N` is `{cfg.norm_layer}` (eps {cfg.norm_eps:g}), `A` attention, `F` the FFN. "
-            f"Normalized inside attention: {qkv} (width: {strategy.qkv_norm_width}). "
+            f"Normalized inside attention: {_qkv_norms(cfg)}. "
             f"Final norm before the LM head: {'yes' if final else 'no'}. Embedding norm: {'yes' if embed else 'no'}.")
 
 

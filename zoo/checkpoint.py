@@ -24,7 +24,7 @@ from typing import Any, Optional, Union
 import torch
 from safetensors.torch import load_file, save_file
 
-from .builder import empty_model
+from .builder import check_plugins, empty_model, plugin_providers
 from .config import ConfigSource, ModelConfig, merge_config
 from .errors import ZooError
 from .files import (
@@ -58,6 +58,7 @@ def _metadata(model: ZooModel, variant: Optional[str]) -> dict[str, str]:
     dtype = next(model.parameters()).dtype
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "zoo_version": __version__,
             "variant": variant or "", "config": json.dumps(model.cfg.to_dict(), sort_keys=True),
+            "plugins": json.dumps(plugin_providers(model.cfg), sort_keys=True),
             "total_params": str(total), "active_params": str(active), "dtype": str(dtype).replace("torch.", "")}
 
 
@@ -247,9 +248,15 @@ def _config(path: Union[str, Path], meta: dict[str, str]) -> ModelConfig:
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format version {meta.get('format_version')!r}; this zoo reads {FORMAT_VERSION!r}")
     try:
-        return merge_config(json.loads(meta["config"]), where=f"checkpoint {path}")
+        cfg = merge_config(json.loads(meta["config"]), where=f"checkpoint {path}")
     except ValueError as e:
         raise CheckpointError(f"{path}: the config in the checkpoint header is invalid: {e}") from None
+    try:
+        recorded = json.loads(meta.get("plugins") or "[]")
+    except ValueError:
+        recorded = []
+    check_plugins(cfg, recorded if isinstance(recorded, list) else [], str(path))
+    return cfg
 
 
 def _check_layers(path: Path, cfg: ModelConfig, headers: list[tuple[dict[str, Any], dict[str, str]]]) -> None:

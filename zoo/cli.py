@@ -21,6 +21,7 @@ EPILOG = """examples:
   zoo info tiny-dense-prenorm --set n_layers=8 --set norm_strategy=mixln
   zoo generate tiny-dense-hybridnorm --pretrained --prompt 'def '   stream a continuation (KV cache)
   zoo plugins --json                         what each plugin registered, and any that failed
+  zoo check attention:mla --fast             run the plugin conformance kit on a registered name
   zoo convert --from-hf ./Mixtral-dir --to zoo-mixtral   import a transformers checkpoint (zoo convert --help)
   zoo card tiny-moe-hybridnorm               the model card (YAML front matter + Markdown)
   zoo card --check                           are model_cards/ up to date with the configs?
@@ -32,7 +33,14 @@ JSON output keys are documented in docs/cli.md."""
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    import fnmatch
+
     from .api import get_config, list_models, stats
+    from .registry import REGISTRY
+    for name, owners in sorted(REGISTRY.conflicting("variant").items()):
+        if fnmatch.fnmatchcase(name, args.pattern):
+            warnings.warn(f"variant {name!r} is left out: plugins {' and '.join(map(repr, owners))} both register it "
+                          f"(see `zoo plugins`; disable one, e.g. ZOO_DISABLE_PLUGINS={owners[-1]})")
     rows = []
     for name in list_models(args.pattern):
         cfg = get_config(name)
@@ -66,8 +74,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"parameters: {st.total_params:,} total ({human(st.total_params)}), {st.active_params:,} active ({human(st.active_params)})")
     print(f"FLOPs per token at seq {st.seq_len}: {st.flops_per_token:,} forward ({human(st.flops_per_token)}), "
           f"{human(st.train_flops_per_token)} per token per training step")
-    print(f"KV cache per token: {st.kv_cache_bytes_per_token:,} bytes at fp32, {st.kv_cache_bytes_per_token_bf16:,} at bf16 "
-          f"({cfg.n_layers} layers x {cfg.kv_heads} KV heads x head size {cfg.head_size}, K and V)")
+    if st.kv_cache_bytes_per_token is None:
+        print(f"KV cache: none (attention {cfg.attention.type!r} does not support cached generation)")
+    else:
+        print(f"KV cache per token: {st.kv_cache_bytes_per_token:,} bytes at fp32, {st.kv_cache_bytes_per_token_bf16:,} "
+              f"at bf16 ({cfg.n_layers} layers of attention {cfg.attention.type!r}, as it reports what it caches)")
     return 0
 
 
@@ -86,14 +97,51 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         return 0
     for r in records:
         status = "" if r["status"] == "ok" else f"  [{r['status']}{': ' + r['error'] if r['error'] else ''}]"
+        if r["status"] == "ok" and r["conflicts"]:
+            status = f"  [conflict: {len(r['conflicts'])} name{'s' if len(r['conflicts']) > 1 else ''} unusable]"
         print(f"{r['name']}  ({r['source']}){status}")
         for kind, names in r["registered"].items():
             print(f"    {kind}: {', '.join(names)}")
+        for conflict in r["conflicts"]:
+            print(f"    conflict: {conflict}; unusable until one of them is disabled (ZOO_DISABLE_PLUGINS)")
     return 0
 
 
 def _plugins_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .testing import CHECKS, FAST, print_outcomes, run_checks
+
+    checks = args.check or (FAST if args.fast else CHECKS)
+
+    def progress(o: Any) -> None:
+        if not args.json and sys.stderr.isatty():
+            print(f"zoo check: {o.subject} {o.check}: {o.status}", file=sys.stderr)
+
+    outcomes = run_checks(args.names, checks, overrides=args.set or (), progress=progress)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if args.json:
+        print(json.dumps([o.to_dict() for o in outcomes], indent=2))
+    else:
+        print_outcomes(outcomes)
+        passed = sum(o.status == "passed" for o in outcomes)
+        print(f"{passed} passed, {len(failed)} failed, {len(outcomes) - passed - len(failed)} not applicable")
+    return 1 if failed else 0
+
+
+def _check_arguments(p: argparse.ArgumentParser) -> None:
+    from .testing import CHECKS, SLOW
+    p.add_argument("names", nargs="+", metavar="[KIND:]NAME", help="registered names to check; KIND (norm-strategy, "
+                   "norm-layer, attention, router, variant) where a name exists in two kinds, e.g. attention:mla")
+    p.add_argument("--fast", action="store_true", help=f"skip the checks that start other processes or compile "
+                   f"({', '.join(SLOW)})")
+    p.add_argument("--check", action="append", choices=CHECKS, metavar="ID", help=f"run only this check, repeatable; "
+                   f"the checks: {', '.join(CHECKS)}")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override for every model the checks "
+                   "build, repeatable (e.g. --set moe.top_k=1 for a top-1 router)")
+    p.add_argument("--json", action="store_true", help="print a JSON list of outcomes")
 
 
 def cmd_card(args: argparse.Namespace) -> int:
@@ -463,7 +511,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .train.tokenizer import tokenizer_for
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     source = resolve_source(args.source, pretrained=args.pretrained)
-    model = load_source(source, seed=args.seed if args.seed is not None else 0)
+    model = load_source(source, args.set or None, seed=args.seed if args.seed is not None else 0)
     if not source.trained:
         print(f"zoo: note: {args.source} is freshly initialized (untrained), so expect noise; pass --pretrained for "
               "its published weights, or a checkpoint path", file=sys.stderr)
@@ -493,6 +541,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def _generate_arguments(p: argparse.ArgumentParser) -> None:
     _model_arguments(p, "freshly initialized, seeded by --seed")
+    _set_argument(p)
     p.add_argument("--prompt", required=True, help="the text to continue (empty: start a new document)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default); above 0 samples")
@@ -509,7 +558,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .train.tokenizer import tokenizer_for
     corpus = load_corpus(args.data)
     source = resolve_source(args.source, pretrained=args.pretrained)
-    model = load_source(source, device="cuda" if _cuda() else None)
+    model = load_source(source, args.set or None, device="cuda" if _cuda() else None)
     weights = source.describe()
     if not source.trained:
         print(f"zoo: note: {args.source} is freshly initialized (untrained); pass --pretrained for its published "
@@ -541,6 +590,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def _eval_arguments(p: argparse.ArgumentParser) -> None:
     _model_arguments(p, "freshly initialized, seed 0")
+    _set_argument(p)
     p.add_argument("--data", default="stdlib", help="a data spec as for zoo train: 'stdlib' (default: this Python's "
                    "standard library source), a text file, a folder, or hf:...; its validation split is evaluated")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per window (default: the model's max_seq_len)")
@@ -561,6 +611,12 @@ def _model_arguments(p: argparse.ArgumentParser, fresh: str) -> None:
     """The model argument every command takes, resolved by zoo/sources.py."""
     p.add_argument("source", metavar="NAME|CHECKPOINT|RUN", help=f"{MODEL_FORMS}; a NAME alone is {fresh}")
     p.add_argument("--pretrained", action="store_true", help="take the variant NAME's published weights (zoo pull)")
+
+
+def _set_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, repeatable: with a NAME any "
+                   "key (--set norm_strategy=mixln tries a placement without registering a variant); with weights, "
+                   "run-time keys only (--set moe.backend=loop), as the weights fix the rest")
 
 
 def _cuda() -> bool:
@@ -611,6 +667,10 @@ COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], Callable[[argpars
             "per byte over the whole validation split, every token predicted once (deterministic)."),
     ("plugins", cmd_plugins, _plugins_arguments,
      "List plugins: name, where each came from, what it registered, and failures."),
+    ("check", cmd_check, _check_arguments,
+     "Run the plugin conformance kit (zoo.testing) on registered names: options, meta-device init, forward and "
+            "backward, gradients, fp32/bf16, determinism, KV cache, save/load in a fresh process, torch.compile, "
+            "2-rank DDP and FSDP2. Exit 1 if any check fails."),
 ]
 
 

@@ -24,9 +24,21 @@ MOE_BACKENDS = ("auto", "megablocks", "fused", "grouped_mm", "loop")
 
 
 @dataclass
+class YarnConfig:
+    factor: float = 1.0  # 1: plain RoPE
+    original_max_seq_len: Optional[int] = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclass
 class AttentionConfig:
     type: str = "mha"
     rope_theta: float = 10000.0
+    rope_layout: str = "rotate-half"
+    yarn: YarnConfig = field(default_factory=YarnConfig)
     sliding_window: Optional[int] = None
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -52,6 +64,7 @@ class MoEConfig:
     z_weight: float = 0.001
     jitter: float = 0.0
     lb_scope: str = "local"  # "global": the LB loss's expert shares f_i and router statistics over all ranks
+    first_dense_layers: int = 0  # the first N layers keep the dense FFN (ffn.hidden_size), DeepSeek's first_k_dense_replace
 
 
 @dataclass
@@ -100,6 +113,10 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.ffn.type == "moe"
+
+    def ffn_type(self, layer: int) -> str:
+        """Layer ``layer``'s FFN, "dense" or "moe": ``ffn.type``, but dense in the first ``moe.first_dense_layers``."""
+        return "dense" if not self.is_moe or layer < self.moe.first_dense_layers else "moe"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -167,6 +184,8 @@ def _as_omegaconf(source: ConfigSource, where: str) -> DictConfig:
             return OmegaConf.from_dotlist(items)
         except OmegaConfBaseException as e:
             raise ConfigError(f"cannot parse overrides {items}: {e.msg if hasattr(e, 'msg') else e}") from None
+        except Exception as e:  # YAML's own errors for a value such as !tag
+            raise ConfigError(f"cannot parse overrides {items}: {str(e).splitlines()[0]}") from None
     raise ConfigError(f"{where}: expected a YAML path, a mapping or a list of KEY=VALUE strings, got {type(source).__name__}")
 
 
@@ -209,6 +228,11 @@ def check_shapes(cfg: ModelConfig) -> None:
         raise ConfigError(f"the head size ({cfg.head_size}) must be even for RoPE; set head_dim or n_heads")
     if cfg.attention.sliding_window is not None and cfg.attention.sliding_window <= 0:
         raise ConfigError(f"attention.sliding_window must be positive or null, got {cfg.attention.sliding_window}")
+    yarn = cfg.attention.yarn
+    if yarn.factor < 1 or (yarn.factor > 1 and (yarn.original_max_seq_len is None or yarn.original_max_seq_len <= 0)):
+        raise ConfigError(f"attention.yarn.factor must be >= 1 (1: plain RoPE), and above 1 needs a positive "
+                          f"attention.yarn.original_max_seq_len; got factor {yarn.factor}, original_max_seq_len "
+                          f"{yarn.original_max_seq_len}")
     if cfg.ffn.type not in ("dense", "moe"):
         raise ConfigError(f"ffn.type must be 'dense' or 'moe', got {cfg.ffn.type!r}")
     if cfg.is_moe:
@@ -222,6 +246,9 @@ def check_shapes(cfg: ModelConfig) -> None:
                               "moe.shared_experts >= 1 (it sets the shared expert's width)")
         if moe.shared_gate and not moe.shared_experts:
             raise ConfigError("moe.shared_gate=true gates the shared expert; set moe.shared_experts >= 1 too")
+        if not 0 <= moe.first_dense_layers < cfg.n_layers:
+            raise ConfigError(f"moe.first_dense_layers ({moe.first_dense_layers}) must lie in [0, n_layers) "
+                              f"(n_layers={cfg.n_layers}); an MoE model keeps at least one MoE layer")
         if moe.lb_scope not in ("local", "global"):
             raise ConfigError(f"moe.lb_scope must be 'local' (each rank's micro-batch) or 'global' (all ranks); "
                               f"got {moe.lb_scope!r}")

@@ -29,3 +29,10 @@ class UnknownNameError(ZooError, LookupError):
 
     def __str__(self) -> str:  # LookupError would otherwise quote the message
         return self.args[0]
+
+
+class MissingPluginError(ZooError, LookupError):
+    """A checkpoint or config uses plugin names that no installed plugin registers; says what to install."""
+
+    def __str__(self) -> str:
+        return self.args[0]

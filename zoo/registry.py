@@ -74,10 +74,14 @@ class PluginRecord:
     registered: dict[str, list[str]] = field(default_factory=dict)
     status: str = "ok"  # ok | failed | disabled
     error: Optional[str] = None
+    dist: Optional[str] = None  # the installed distribution that provides it (None: registered at run time)
+    version: Optional[str] = None
+    conflicts: list[str] = field(default_factory=list)  # "kind 'name' (also registered by 'other')"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "source": self.source, "status": self.status, "error": self.error,
-                "registered": self.registered}
+                "registered": self.registered, "dist": self.dist, "version": self.version,
+                "conflicts": self.conflicts}
 
 
 @dataclass
@@ -119,7 +123,8 @@ class Registry:
             seen.add(ep.name)
             dist = getattr(ep, "dist", None)
             source = f"entry point {ep.value}" + (f" ({dist.name} {dist.version})" if dist else "")
-            record = PluginRecord(ep.name, source)
+            record = PluginRecord(ep.name, source, dist=dist.name if dist else None,
+                                  version=dist.version if dist else None)
             self.records[ep.name] = record
             if (allow is not None and not any(fnmatch.fnmatchcase(ep.name, p) for p in allow)) or \
                     any(fnmatch.fnmatchcase(ep.name, p) for p in block):
@@ -183,6 +188,18 @@ class Registry:
                 self.conflicts[kind][name] = [first, plugin_name]
             else:
                 self.entries[kind][name] = Entry(obj, plugin_name)
+        self._note_conflicts()
+
+    def _note_conflicts(self) -> None:
+        """Each record's ``conflicts``: the names it shares with another plugin, which neither can use."""
+        for record in self.records.values():
+            record.conflicts = []
+        for kind, names in self.conflicts.items():
+            for name, owners in names.items():
+                for owner in owners:
+                    others = ", ".join(repr(o) for o in owners if o != owner)
+                    if owner in self.records:
+                        self.records[owner].conflicts.append(f"{kind} {name!r} (also registered by {others})")
 
     def _check_hook_names(self, plugin_name: str) -> None:
         """pluggy accepts methods named like no hook; a misspelled hook would silently do nothing."""
@@ -228,6 +245,7 @@ class Registry:
                         survivor = owners[0]
                         del self.conflicts[kind][n]
                         self._restore(kind, n, survivor)
+        self._note_conflicts()
 
     def _restore(self, kind: str, name: str, plugin: str) -> None:
         """Re-resolve a name after a conflict ends, by asking the survivor's hooks again."""
@@ -253,9 +271,21 @@ class Registry:
         self.get(kind, name)
         return self.entries[kind][name].plugin
 
-    def names(self, kind: str) -> list[str]:
+    def provider(self, kind: str, name: str) -> dict[str, Optional[str]]:
+        """Which plugin registered ``name`` and the distribution (and version) it came from; checkpoints record
+        it, so that loading one without the plugin can say what to install."""
+        record = self.records[self.owner(kind, name)]
+        return {"plugin": record.name, "dist": record.dist, "version": record.version}
+
+    def names(self, kind: str, usable: bool = False) -> list[str]:
+        """The names of ``kind``, conflicting ones included unless ``usable``."""
         self.ensure_loaded()
-        return sorted(set(self.entries[kind]) | set(self.conflicts[kind]))
+        return sorted(set(self.entries[kind]) | (set() if usable else set(self.conflicts[kind])))
+
+    def conflicting(self, kind: str) -> dict[str, list[str]]:
+        """Names of ``kind`` that several plugins register (unusable), with their plugins."""
+        self.ensure_loaded()
+        return {name: list(owners) for name, owners in self.conflicts[kind].items()}
 
     def plugins(self) -> list[PluginRecord]:
         self.ensure_loaded()

@@ -20,6 +20,8 @@ qwen3          pre-norm, per-head q/k norms, dense
 qwen3_moe      pre-norm, per-head q/k norms, MoE            all layers sparse
 olmo2          output norms, full-width q/k norms, dense
 flex_olmo      output norms, full-width q/k norms, MoE
+deepseek_v3    pre-norm, latent attention (MLA), MoE with   group-limited sigmoid routing, shared
+               dense first layers                           experts, RoPE interleaved and YaRN
 =============  ===========================================  =====================================
 
 Nothing here names a plugin: each declares what it is in transformers' terms, and the converter
@@ -28,10 +30,12 @@ matches layouts. A norm strategy declares ``hf_norms`` (its norms under the deco
 ``post_feedforward_layernorm`` for output norms) and ``hf_qk_options`` (the q/k-norm widths it takes,
 with the ``norm_options`` for each), or ``hf_missing`` (why no transformers architecture wires its
 block); a norm layer ``hf_rms_norm``; an attention ``hf_names`` (its modules under the attention's
-names, ``q_proj`` ... ``o_proj``) and ``hf_bias_options``; a router ``hf_renormalize_option``. The
-built-ins: prenorm, qknorm and olmo2; rmsnorm; mha; topk.
+names, ``q_proj`` ... ``o_proj``, or ``kv_a_proj_with_mqa`` ... for latent attention) and
+``hf_bias_options``; a router ``hf_renormalize_option`` (softmax top-k) or ``hf_bias_name`` (DeepSeek's
+sigmoid routing with a balancing bias). The built-ins: prenorm, qknorm and olmo2; rmsnorm; mha and mla;
+topk and sigmoid-bias.
 
-Weights map one to one (RoPE is rotate-half on both sides, so nothing is permuted): q/k/v
+Weights map one to one (RoPE pairs the same dimensions on both sides, so nothing is permuted): q/k/v
 projections stack into ``attn.qkv``, gate/up into ``gate_up``, and expert ``e``'s gate / up / down
 (transposed) into rows ``e*F:(e+1)*F`` of MegaBlocks' ``experts.mlp.w1`` / ``v1`` / ``w2``. Both the
 per-expert layout of checkpoints on the Hub and transformers 5's fused ``experts.gate_up_proj`` /
@@ -101,6 +105,8 @@ class Arch:
     head_dim_key: bool = False           # the config class has head_dim (else it is hidden_size / heads)
     sparse_layers_keys: bool = False     # decoder_sparse_step / mlp_only_layers (Qwen MoE)
     jitter_key: Optional[str] = None     # router_jitter_noise (Mixtral)
+    latent: bool = False                 # DeepSeek: latent attention, sigmoid group-limited routing, dense first
+                                         # layers (first_k_dense_replace), ungated shared experts (mlp.shared_experts)
     defaults: dict[str, Any] = field(default_factory=dict)
 
 
@@ -132,7 +138,14 @@ ARCHS: dict[str, Arch] = {a.model_type: a for a in (
     Arch("flex_olmo", "FlexOlmoForCausalLM", OUT, "full", moe=True, bias_key="attention_bias",
          defaults={"rms_norm_eps": 1e-6, "rope_theta": 500000.0, "max_position_embeddings": 4096, "num_experts": 7,
                    "num_experts_per_tok": 5, "router_aux_loss_coef": 0.01}),
+    Arch("deepseek_v3", "DeepseekV3ForCausalLM", moe=True, latent=True,
+         defaults={"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "max_position_embeddings": 4096, "n_routed_experts": 256,
+                   "num_experts_per_tok": 8, "n_shared_experts": 1, "n_group": 8, "topk_group": 4,
+                   "routed_scaling_factor": 2.5, "first_k_dense_replace": 3, "norm_topk_prob": True,
+                   "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128,
+                   "v_head_dim": 128, "rope_interleave": True}),
 )}
+LATENT_EPS = 1e-6  # transformers' DeepseekV3 normalizes the q and kv latents at this eps, whatever rms_norm_eps says
 
 # ---------------------------------------------------------------------------------------------
 # Weight name mapping (one table, used both ways)
@@ -164,7 +177,7 @@ def _pairs(arch: Arch, cfg: ModelConfig) -> list[Pair]:
                     sizes = tuple(widths[SPLIT[h]] for h in hf_modules) if len(hf_modules) > 1 else ()
                     pairs.append(Pair(B + f"attn.{module}.{param}", tuple(f"{L}self_attn.{h}.{param}" for h in hf_modules),
                                       sizes))
-        if not cfg.is_moe:
+        if cfg.ffn_type(i) == "dense":
             m = L + "mlp."
             F = cfg.ffn.hidden_size
             pairs += [Pair(B + "ffn.gate_up.weight", (m + "gate_proj.weight", m + "up_proj.weight"), (F, F)),
@@ -181,12 +194,16 @@ def _pairs(arch: Arch, cfg: ModelConfig) -> list[Pair]:
                   Pair(B + "ffn.experts.mlp.w1", gate, (F,) * E),
                   Pair(B + "ffn.experts.mlp.v1", up, (F,) * E),
                   Pair(B + "ffn.experts.mlp.w2", down, (F,) * E, t=True)]
-        if arch.shared_expert:
-            s = L + "mlp.shared_expert."
-            S = cfg.moe.shared_hidden_size
+        if arch.latent:
+            bias_name = REGISTRY.get("router", cfg.moe.router).hf_bias_name
+            pairs.append(Pair(B + "ffn.router.expert_bias", (m + "gate." + bias_name,)))
+        if arch.shared_expert or (arch.latent and cfg.moe.shared_experts):
+            s = L + ("mlp.shared_experts." if arch.latent else "mlp.shared_expert.")
+            S = cfg.moe.shared_hidden_size or cfg.moe.shared_experts * cfg.moe.hidden_size
             pairs += [Pair(B + "ffn.shared.gate_up.weight", (s + "gate_proj.weight", s + "up_proj.weight"), (S, S)),
-                      Pair(B + "ffn.shared.down.weight", (s + "down_proj.weight",)),
-                      Pair(B + "ffn.shared_gate.weight", (L + "mlp.shared_expert_gate.weight",))]
+                      Pair(B + "ffn.shared.down.weight", (s + "down_proj.weight",))]
+        if arch.shared_expert:
+            pairs.append(Pair(B + "ffn.shared_gate.weight", (L + "mlp.shared_expert_gate.weight",)))
     pairs.append(Pair("final_norm.weight", ("norm.weight",)))
     if not cfg.tie_embeddings:
         pairs.append(Pair("head.weight", ("lm_head.weight",)))
@@ -268,18 +285,36 @@ def _get(hf: dict[str, Any], arch: Arch, key: str) -> Any:
     raise HFConversionError(f"config.json of this {arch.model_type} model has no {key!r}")
 
 
-def _rope_theta(hf: dict[str, Any], arch: Arch) -> float:
-    params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    kinds = {params.get("rope_type"), scaling.get("rope_type"), scaling.get("type")} - {None, "default"}
-    if kinds:
-        kind = sorted(kinds)[0]
-        raise HFConversionError(f"RoPE type {kind!r} (rope scaling) is not supported: the zoo's RoPE is the plain "
-                                "rotate-half one (rope_type 'default')")
+YARN_KEYS = {"factor": "factor", "original_max_position_embeddings": "original_max_seq_len", "beta_fast": "beta_fast",
+             "beta_slow": "beta_slow", "mscale": "mscale", "mscale_all_dim": "mscale_all_dim"}
+
+
+def _rope(hf: dict[str, Any], arch: Arch) -> dict[str, Any]:
+    """The zoo's ``attention`` RoPE keys (``rope_theta``, ``rope_layout``, ``yarn``) from transformers' config: its
+    ``rope_parameters`` (transformers 5) or ``rope_scaling`` and ``rope_theta`` (4.x). YaRN imports where the
+    architecture applies it as DeepSeek does (latent attention); other scalings are refused."""
+    sources = [hf.get("rope_scaling") or {}, hf.get("rope_parameters") or {}]
+    kinds = {d.get("rope_type", d.get("type")) for d in sources} - {None, "default"}
+    kind = sorted(kinds)[0] if kinds else "default"
+    params = {k: v for d in sources for k, v in d.items() if d.get("rope_type", d.get("type")) in (kind, None)}
+    if len(kinds) > 1 or kind not in ("default", "yarn") or (kind == "yarn" and not arch.latent):
+        raise HFConversionError(f"RoPE type {kind!r} (rope scaling) is not supported for {arch.model_type}: the zoo "
+                                "imports plain RoPE, and YaRN where the model is DeepSeek-V3's")
     if float(hf.get("partial_rotary_factor", params.get("partial_rotary_factor", 1.0)) or 1.0) != 1.0:
         raise HFConversionError("partial_rotary_factor != 1 is not supported: the zoo rotates the whole head")
     theta = params.get("rope_theta", hf.get("rope_theta"))
-    return float(theta if theta is not None else arch.defaults["rope_theta"])
+    out: dict[str, Any] = {"rope_theta": float(theta if theta is not None else arch.defaults["rope_theta"])}
+    if arch.latent:
+        out["rope_layout"] = "interleaved" if _get(hf, arch, "rope_interleave") else "rotate-half"
+    if kind == "yarn":
+        if params.get("attention_factor") is not None or params.get("truncate", True) is not True:
+            raise HFConversionError("YaRN with attention_factor or truncate=false is not supported: the zoo derives "
+                                    "the attention factor from mscale and mscale_all_dim, as DeepSeek-V3 does")
+        if params.get("factor") is None:
+            raise HFConversionError("YaRN without a factor in rope_parameters is not supported")
+        out["yarn"] = {zoo: float(params[key]) if key != "original_max_position_embeddings" else int(params[key])
+                       for key, zoo in YARN_KEYS.items() if params.get(key) is not None}
+    return out
 
 
 def _sliding_window(hf: dict[str, Any], arch: Arch) -> Optional[int]:
@@ -324,6 +359,41 @@ def _one(kind: str, attribute: str, what: str) -> tuple[str, Any]:
     return found[0]
 
 
+def _attention_for(arch: Arch) -> tuple[str, Any]:
+    """The attention whose declared transformers modules (``hf_names``) are ``arch``'s: latent (DeepSeek's
+    ``kv_b_proj``) or standard (``k_proj``)."""
+    module = "kv_b_proj" if arch.latent else "k_proj"
+    for name, cls in _declaring("attention", "hf_names"):
+        if any(module in hf for hf in cls.hf_names.values()):
+            return name, cls
+    raise HFConversionError(f"no installed attention declares transformers' {module} in its hf_names")
+
+
+def _deepseek_config(hf: dict[str, Any], arch: Arch) -> dict[str, Any]:
+    """The MLA options and MoE section of a DeepSeek-V3 config.json."""
+    eps = float(_get(hf, arch, "rms_norm_eps"))
+    if eps != LATENT_EPS:
+        raise HFConversionError(f"rms_norm_eps={eps}: transformers' DeepseekV3 normalizes its q and kv latents at eps "
+                                f"{LATENT_EPS} and its layers at rms_norm_eps, and the zoo uses one eps for both")
+    if hf.get("attention_bias"):
+        raise HFConversionError("attention_bias=true is not supported: the zoo's latent attention has no biases")
+    if int(hf.get("num_key_value_heads") or hf["num_attention_heads"]) != int(hf["num_attention_heads"]):
+        raise HFConversionError("num_key_value_heads != num_attention_heads: latent attention has no KV head groups")
+    q_rank = hf.get("q_lora_rank", arch.defaults["q_lora_rank"])
+    options = {"kv_lora_rank": int(_get(hf, arch, "kv_lora_rank")), "q_lora_rank": int(q_rank) if q_rank else None,
+               **{k: int(_get(hf, arch, k)) for k in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")}}
+    router_name, router = _one("router", "hf_bias_name", "DeepSeek's sigmoid routing with a balancing bias")
+    E, shared = int(_get(hf, arch, "n_routed_experts")), int(_get(hf, arch, "n_shared_experts") or 0)
+    moe = {"num_experts": E, "top_k": int(_get(hf, arch, "num_experts_per_tok")),
+           "hidden_size": int(_get(hf, arch, "moe_intermediate_size")), "router": router_name,
+           "router_options": {"renormalize": bool(_get(hf, arch, "norm_topk_prob")),
+                              "route_scale": float(_get(hf, arch, "routed_scaling_factor")),
+                              "n_group": int(_get(hf, arch, "n_group")), "topk_group": int(_get(hf, arch, "topk_group"))},
+           "shared_experts": shared, "first_dense_layers": int(_get(hf, arch, "first_k_dense_replace")),
+           "lb_weight": 0.0, "z_weight": 0.0}
+    return {"options": options, "moe": moe}
+
+
 def hf_to_config(hf: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] = None) -> tuple[Arch, ModelConfig]:
     """The zoo config of an HF ``config.json``; ``tensors`` (prefix-free names) settle the biases."""
     model_type = hf.get("model_type")
@@ -347,7 +417,7 @@ def hf_to_config(hf: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] 
     else:
         qkv_bias = bool(_get(hf, arch, arch.bias_key) if arch.bias_key in arch.defaults else hf.get(arch.bias_key))
     strategy, strategy_options = _strategy_for(arch)
-    attention_name, attention = _one("attention", "hf_names", "transformers' q/k/v/o projections")
+    attention_name, attention = _attention_for(arch)
     cfg: dict[str, Any] = {
         "d_model": d, "n_layers": n_layers, "n_heads": heads, "n_kv_heads": kv_heads,
         "head_dim": int(head_dim) if int(head_dim) * heads != d else None,
@@ -357,10 +427,16 @@ def hf_to_config(hf: dict[str, Any], tensors: Optional[dict[str, torch.Tensor]] 
         "norm_strategy": strategy, "norm_options": strategy_options,
         "norm_layer": _one("norm layer", "hf_rms_norm", "transformers' RMSNorm")[0],
         "norm_eps": float(_get(hf, arch, "rms_norm_eps")),
-        "attention": {"type": attention_name, "rope_theta": _rope_theta(hf, arch),
-                      "sliding_window": _sliding_window(hf, arch),
+        "attention": {"type": attention_name, **_rope(hf, arch), "sliding_window": _sliding_window(hf, arch),
                       "options": dict(attention.hf_bias_options) if qkv_bias else {}},
     }
+    if arch.latent:
+        deepseek = _deepseek_config(hf, arch)
+        cfg["n_kv_heads"] = None
+        cfg["attention"]["options"] = deepseek["options"]
+        cfg["ffn"] = {"type": "moe", "hidden_size": int(_get(hf, arch, "intermediate_size"))}
+        cfg["moe"] = deepseek["moe"]
+        return arch, merge_config(cfg, where=f"{model_type} config.json")
     if not arch.moe:
         cfg["ffn"] = {"type": "dense", "hidden_size": int(_get(hf, arch, "intermediate_size"))}
         return arch, merge_config(cfg, where=f"{model_type} config.json")
@@ -541,6 +617,10 @@ def export_arch(cfg: ModelConfig, name: str = "this variant") -> Arch:
     qkv_bias, window, qk = _attention_bias(cfg), cfg.attention.sliding_window, _qk_width(cfg)
     pre, out = sorted(hf_norms.values()) == sorted(PRE), sorted(hf_norms.values()) == sorted(OUT)
     layout = f"norms {', '.join(hf_norms.values())}, {'q/k norms ' + qk + ' width' if qk else 'no q/k norms'}"
+    latent = any("kv_b_proj" in hf for hf in parts.attention.hf_names.values())
+    if latent or cfg.attention.rope_layout != "rotate-half" or cfg.attention.yarn.factor != 1:
+        _check_deepseek(cfg, pre and qk is None, _refuse)
+        return ARCHS["deepseek_v3"]
     if cfg.is_moe:
         moe = cfg.moe
         if not getattr(REGISTRY.get("router", moe.router), "hf_renormalize_option", None):
@@ -586,6 +666,52 @@ def export_arch(cfg: ModelConfig, name: str = "this variant") -> Arch:
     return arch
 
 
+def _check_deepseek(cfg: ModelConfig, pre_norm: bool, refuse: Any) -> None:
+    """Raise ``refuse(why)`` unless ``cfg`` is exactly what transformers' DeepseekV3 computes."""
+    attention = resolve(cfg).attention
+    if not any("kv_b_proj" in hf for hf in attention.hf_names.values()):
+        raise refuse("interleaved RoPE and YaRN exist in transformers with latent attention (DeepseekV3) only")
+    moe = cfg.moe
+    router = REGISTRY.get("router", moe.router) if cfg.is_moe else None
+    problems = [
+        (not pre_norm, "DeepseekV3 is pre-norm without q/k norms"),
+        (not cfg.is_moe, "DeepseekV3 has MoE layers after its first_k_dense_replace dense ones; set ffn.type=moe"),
+        (router is not None and not getattr(router, "hf_bias_name", None),
+         f"router {moe.router!r}: DeepseekV3 routes by sigmoid scores with a balancing bias (hf_bias_name)"),
+        (cfg.is_moe and (moe.shared_gate or (moe.shared_hidden_size not in (None, moe.shared_experts * moe.hidden_size))),
+         "DeepseekV3's shared experts are ungated, moe.shared_experts x moe.hidden_size wide"),
+        (cfg.attention.sliding_window is not None, "DeepseekV3 has no sliding window"),
+        (cfg.norm_eps != LATENT_EPS, f"DeepseekV3 normalizes its latents at eps {LATENT_EPS}; set norm_eps={LATENT_EPS}"),
+        (cfg.attention.yarn.factor != 1 and cfg.attention.yarn.original_max_seq_len is None,
+         "YaRN needs attention.yarn.original_max_seq_len"),
+    ]
+    for bad, why in problems:
+        if bad:
+            raise refuse(why)
+
+
+def _deepseek_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """The DeepseekV3 keys of ``config.json`` for ``cfg``."""
+    built = empty_model(cfg).blocks[0].attn
+    moe = cfg.moe
+    options = resolve_options(REGISTRY.get("router", moe.router).Options, moe.router_options, "moe.router_options",
+                              f"router {moe.router!r}")
+    yarn = cfg.attention.yarn
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": cfg.attention.rope_theta}
+    if yarn.factor != 1:
+        rope.update(rope_type="yarn", **{hf: getattr(yarn, zoo) for hf, zoo in YARN_KEYS.items()})
+    return {
+        "kv_lora_rank": built.kv_rank, "q_lora_rank": built.q_rank, "qk_nope_head_dim": built.nope,
+        "qk_rope_head_dim": built.rope_dim, "v_head_dim": built.v_dim, "head_dim": built.rope_dim,
+        "rope_interleave": cfg.attention.rope_layout == "interleaved", "rope_parameters": rope,
+        "num_key_value_heads": cfg.n_heads, "attention_bias": False, "intermediate_size": cfg.ffn.hidden_size,
+        "moe_intermediate_size": moe.hidden_size, "n_routed_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+        "n_shared_experts": moe.shared_experts, "first_k_dense_replace": moe.first_dense_layers,
+        "norm_topk_prob": options.renormalize, "routed_scaling_factor": options.route_scale,
+        "n_group": options.n_group, "topk_group": options.topk_group, "num_nextn_predict_layers": 0,
+    }
+
+
 def config_to_hf(arch: Arch, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     """The ``config.json`` of ``arch`` for ``cfg``."""
     qkv_bias = _attention_bias(cfg)
@@ -600,6 +726,9 @@ def config_to_hf(arch: Arch, cfg: ModelConfig, dtype: torch.dtype) -> dict[str, 
         "use_cache": True, "bos_token_id": None, "eos_token_id": None, "pad_token_id": None,
         "torch_dtype": str(dtype).replace("torch.", ""),
     }
+    if arch.latent:
+        hf.pop("rope_theta")
+        return {**hf, **_deepseek_to_hf(cfg)}
     if arch.head_dim_key:
         hf["head_dim"] = cfg.head_size
     if arch.bias_key == "attention_bias":

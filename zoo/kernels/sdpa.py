@@ -104,7 +104,7 @@ class _CausalAttention(torch.autograd.Function):
 def _on_onednn(q: Tensor, k: Tensor, v: Tensor) -> bool:
     B, H, T, _ = q.shape
     return (T > BLOCK and uses_onednn(q, k, v) and not torch.is_autocast_enabled("cpu")
-            and k.shape[-2] == T and H % k.shape[1] == 0
+            and k.shape[-2] == T and H % k.shape[1] == 0 and v.shape[-1] == q.shape[-1]
             and (not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
                  or B * H * sum((e - s) * e for s, e in _blocks(T)) * q.element_size() <= SAVED_BYTES))
 
@@ -127,19 +127,19 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: Optional[float] = N
     return causal_attention_reference(q, k, v, scale)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor] = None) -> Tensor:
-    """Attention of q ``(B, H, T, d)`` over k, v ``(B, H_kv, S, d)`` (GQA when ``H_kv < H``) at scale
-    ``d ** -0.5``: causal when ``allowed`` is None, else query t sees key s where ``allowed[..., t, s]``.
-    On CPUs without units for the inputs' reduced precision, the fast path computes in fp32 on the
-    upcast operands; the output has the inputs' dtype."""
+def attention(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """Attention of q ``(B, H, T, d)`` over k ``(B, H_kv, S, d)`` and v ``(B, H_kv, S, d_v)`` (GQA when
+    ``H_kv < H``) at ``scale`` (default ``d ** -0.5``): causal when ``allowed`` is None, else query t sees
+    key s where ``allowed[..., t, s]``. On CPUs without units for the inputs' reduced precision, the fast
+    path computes in fp32 on the upcast operands; the output has the inputs' dtype."""
     dtype = q.dtype
     if fast():
         cdt = compute_dtype(q)
         q, k, v = q.to(cdt), k.to(cdt), v.to(cdt)
     if allowed is None:
-        y = causal_attention(q, k, v)
+        y = causal_attention(q, k, v, scale)
     else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, enable_gqa=k.shape[1] != q.shape[1])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
     return y.to(dtype)
 
 

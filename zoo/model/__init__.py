@@ -5,17 +5,17 @@ sit), ``attention.py`` (the attention contract and its Q/K/V-norm helper), ``rop
 ``init.py``, ``cache.py`` and ``generate.py``, ``stats.py``. The ops they call live in zoo/kernels,
 each with its plain reference.
 """
-from .attention import Attention, max_logit
+from .attention import Attention, allowed_keys, max_logit
 from .cache import KVCache, LayerCache
 from .ffn import SwiGLU
 from .generate import GenerationError, generate, stream
 from .init import Init
 from .model import Block, Components, ModelOutput, ZooModel
-from .rope import apply_rope, rope_tables, rope_tables_at
+from .rope import Rope, Yarn, apply_rope, rope_tables, rope_tables_at
 from .stats import ModelStats, count_params, forward_flops, kv_cache_bytes_per_token
 from .strategy import MakeNorm, NormStrategy, Sublayer
 
 __all__ = ["Attention", "Block", "Components", "GenerationError", "Init", "KVCache", "LayerCache", "MakeNorm",
-           "ModelOutput", "ModelStats", "NormStrategy", "Sublayer", "SwiGLU", "ZooModel", "apply_rope",
-           "count_params", "forward_flops", "generate", "kv_cache_bytes_per_token", "max_logit", "rope_tables",
-           "rope_tables_at", "stream"]
+           "ModelOutput", "ModelStats", "NormStrategy", "Rope", "Sublayer", "SwiGLU", "Yarn", "ZooModel", "allowed_keys",
+           "apply_rope", "count_params", "forward_flops", "generate", "kv_cache_bytes_per_token", "max_logit",
+           "rope_tables", "rope_tables_at", "stream"]

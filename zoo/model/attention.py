@@ -7,7 +7,7 @@ largest pre-softmax logit (``record_max_logit``), which the trainer logs per lay
 """
 from __future__ import annotations
 
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -55,11 +55,13 @@ class Attention(nn.Module):
         self.record_max_logit = False
         self.last_max_logit: Optional[Tensor] = None
 
-    def add_qkv_norms(self, head_dim: int, widths: tuple[int, int, int]) -> None:
+    def add_qkv_norms(self, head_dim: Union[int, tuple[int, int, int]], widths: tuple[int, int, int]) -> None:
         """Make ``q_norm``, ``k_norm`` and ``v_norm`` (None for a projection the strategy leaves alone):
-        ``make_norm(head_dim)``, one gain shared by the heads, or ``make_norm(width)`` over the whole
-        projection at full width (``widths`` of q, k, v)."""
-        dims = widths if self.qkv_norm_width == "full" else (head_dim,) * 3
+        ``make_norm(head_dim)``, one gain shared by the heads (``head_dim`` one size, or the q, k and v head
+        sizes where they differ), or ``make_norm(width)`` over the whole projection at full width (``widths``
+        of q, k, v)."""
+        heads = (head_dim,) * 3 if isinstance(head_dim, int) else tuple(head_dim)
+        dims = widths if self.qkv_norm_width == "full" else heads
         for name, dim in zip("qkv", dims):
             setattr(self, f"{name}_norm", self.make_norm(dim) if name in self.qkv_norm else None)
 
@@ -79,6 +81,31 @@ class Attention(nn.Module):
     def init_weights(self, init: Init) -> None:  # pragma: no cover - abstract
         """Initialize every weight with ``init(weight, role)``, roles "q", "k", "v", "o"."""
         raise NotImplementedError
+
+    def cache_values_per_token(self) -> int:  # pragma: no cover - abstract
+        """How many values one token adds to this layer's cache (``zoo info`` and ``zoo.stats`` sum them); an
+        attention with ``supports_cache`` implements it."""
+        raise NotImplementedError(f"{type(self).__name__} supports the cache but does not say its size: "
+                                  "implement cache_values_per_token()")
+
+
+def allowed_keys(mask: Optional[Tensor], T: int, S: int, device: torch.device,
+                 window: Optional[int] = None) -> Optional[Tensor]:
+    """Which of ``S`` keys each of ``T`` queries sees, ``(B, 1, T, S)`` bool (``(T, S)`` without a mask), or
+    None for plain causal attention: the generation ``mask`` (or causal aligned to the last key when cached
+    without one), narrowed to a sliding ``window`` of keys where one is set (query t sits at slot S - T + t)."""
+    if mask is None and S != T:
+        mask = torch.ones(T, S, dtype=torch.bool, device=device).tril(S - T)[None]
+    if mask is not None:
+        allowed = mask[:, None]
+        if window is not None:
+            i = torch.arange(S - T, S, device=device)[:, None]
+            allowed = allowed & (torch.arange(S, device=device)[None, :] > i - window)
+        return allowed
+    if window is not None and window < T:
+        i = torch.arange(T, device=device)
+        return (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+    return None
 
 
 def max_logit(q: Tensor, k: Tensor, allowed: Optional[Tensor], scale: float, budget: int = 1 << 24, *,

@@ -67,7 +67,8 @@ class Block(nn.Module):
     """One layer: ``strategy(x, attn, ffn)``; MoE aux outputs are gathered as the FFN runs.
 
     With a cache, positions or a mask (generation), the attention is wrapped in a closure that
-    passes them on, so a strategy still calls ``attn(h)`` and needs to know nothing of caching.
+    passes them on, so a strategy still calls ``attn(h)`` and needs to know nothing of caching. An FFN
+    with ``takes_token_ids`` (MoE, for its router's context) is given the model's token ids the same way.
     """
 
     def __init__(self, strategy: NormStrategy, attn: nn.Module, ffn: nn.Module):
@@ -75,11 +76,12 @@ class Block(nn.Module):
         self.strategy, self.attn, self.ffn = strategy, attn, ffn
 
     def forward(self, x: Tensor, cache: Optional[LayerCache] = None, positions: Optional[Tensor] = None,
-                mask: Optional[Tensor] = None) -> tuple[Tensor, list[Any]]:
+                mask: Optional[Tensor] = None, token_ids: Optional[Tensor] = None) -> tuple[Tensor, list[Any]]:
         aux: list[Any] = []
+        pass_ids = token_ids is not None and getattr(self.ffn, "takes_token_ids", False)
 
         def ffn(h: Tensor) -> Tensor:
-            out = self.ffn(h)
+            out = self.ffn(h, token_ids) if pass_ids else self.ffn(h)
             if isinstance(out, tuple):
                 out, extra = out
                 aux.append(extra)
@@ -158,9 +160,9 @@ class ZooModel(nn.Module):
         aux: list[Any] = []
         for i, block in enumerate(self.blocks):
             if cache is None and positions is None and mask is None:
-                x, block_aux = block(x)
+                x, block_aux = block(x, token_ids=idx)
             else:
-                x, block_aux = block(x, cache.layers[i] if cache is not None else None, positions, mask)
+                x, block_aux = block(x, cache.layers[i] if cache is not None else None, positions, mask, idx)
             aux.extend(block_aux)
         if self.final_norm is not None:
             x = self.final_norm(x)

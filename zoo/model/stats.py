@@ -9,16 +9,15 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import ModelConfig
-
 
 @dataclass(frozen=True)
 class ModelStats:
     """``flops_per_token`` counts one forward pass's matmul FLOPs (2 per multiply-add) at
     ``seq_len``, causal attention counted in full as PaLM's MFU convention does; a training step
     costs about 3x that. MoE layers are counted at perfect balance (k experts per token).
-    ``kv_cache_bytes_per_token`` is what generation caches per token, ``2 * n_layers * n_kv_heads *
-    head_size`` values at fp32 (the zoo's default dtype); ``kv_cache_bytes_per_token_bf16`` halves it."""
+    ``kv_cache_bytes_per_token`` is what generation caches per token at fp32 (the zoo's default dtype), the sum
+    of each layer's attention's ``cache_values_per_token()`` (None if an attention cannot cache);
+    ``kv_cache_bytes_per_token_bf16`` halves it."""
 
     total_params: int
     active_params: int
@@ -39,10 +38,16 @@ class ModelStats:
                 "kv_cache_bytes_per_token_bf16": self.kv_cache_bytes_per_token_bf16}
 
 
-def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes of K and V one token adds to the KV cache: ``2 * n_layers * n_kv_heads * head_size``
-    elements, so MHA > GQA > MQA at the same width."""
-    return 2 * cfg.n_layers * cfg.kv_heads * cfg.head_size * torch.empty((), dtype=dtype).element_size()
+def kv_cache_bytes_per_token(model: nn.Module, dtype: torch.dtype = torch.float32) -> Optional[int]:
+    """Bytes one token adds to the KV cache of ``model`` (a ZooModel, on meta is enough): each layer's attention
+    says how many values it caches per token (``mha``: K and V, ``2 * n_kv_heads * head_size``; ``mla``: its
+    latent and RoPE key); None where an attention does not support the cache."""
+    values = 0
+    for block in model.blocks:
+        if not getattr(block.attn, "supports_cache", False):
+            return None
+        values += block.attn.cache_values_per_token()
+    return values * torch.empty((), dtype=dtype).element_size()
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

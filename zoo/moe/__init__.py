@@ -4,7 +4,7 @@ from .dispatch import Dispatch, sort_by_expert
 from .experts import BACKENDS, Experts, ExpertWeights
 from .layer import MoEAux, MoEFFN, after_optimizer_step
 from .losses import load_balancing_loss, z_loss
-from .router import Router, Routing, softmax_topk
+from .router import Router, RouterContext, Routing, softmax_topk
 
-__all__ = ["BACKENDS", "Dispatch", "ExpertWeights", "Experts", "MoEAux", "MoEFFN", "Router", "Routing",
+__all__ = ["BACKENDS", "Dispatch", "ExpertWeights", "Experts", "MoEAux", "MoEFFN", "Router", "RouterContext", "Routing",
            "after_optimizer_step", "load_balancing_loss", "softmax_topk", "sort_by_expert", "z_loss"]

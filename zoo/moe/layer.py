@@ -62,10 +62,13 @@ class MoEFFN(nn.Module):
         per_expert = 3 * w.ffn * w.hidden
         return per_expert * (w.num_experts - self.top_k)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, MoEAux]:
+    takes_token_ids = True  # the block passes the model's token ids on, for the router's context
+
+    def forward(self, x: Tensor, token_ids: Optional[Tensor] = None) -> tuple[Tensor, MoEAux]:
+        """``x`` (..., H); ``token_ids`` (...) the ids of the tokens at those positions, or None."""
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
-        routing = self.router(tokens)
+        routing = self.router(tokens, None if token_ids is None else token_ids.reshape(-1))
         y = self.experts(tokens, routing)
         if self.shared is not None:
             shared = self.shared(tokens)

@@ -6,6 +6,7 @@ E*C. One flat form serves them all, so the expert backends never care which rout
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -39,10 +40,22 @@ class Routing:
     dropped: Any = 0
 
 
+@dataclass(frozen=True)
+class RouterContext:
+    """What a router may read besides its logits. ``hidden``: (T, H), the tokens at the router's input;
+    ``token_ids``: (T,) long, the vocabulary ids of those tokens, or None where the FFN runs without the
+    model around it (a hash router then refuses); ``layer``: the MoE layer's index."""
+
+    hidden: Tensor
+    token_ids: Optional[Tensor]
+    layer: int
+
+
 class Router(nn.Module):
     """Base class of router plugins: ``router.layer`` is the ``(E, H)`` gate, MegaBlocks' name.
 
-    Subclasses implement ``route(logits) -> Routing`` on real tensors only: on ``meta`` (``zoo.stats``
+    Subclasses implement ``route(logits) -> Routing``, or ``route(logits, context)`` to also read a
+    ``RouterContext`` (the token ids and hidden states), on real tensors only: on ``meta`` (``zoo.stats``
     counting FLOPs) the base returns ``assignments(T)`` assignments at perfect balance instead. Class
     attributes: ``Options`` (a dataclass filled from ``moe.router_options``), ``balancing_loss`` (False
     where the router balances by construction and the LB loss does not apply), ``causal`` (False where a
@@ -53,8 +66,15 @@ class Router(nn.Module):
     balancing_loss: ClassVar[bool] = True
     causal: ClassVar[bool] = True
 
+    takes_context: ClassVar[bool] = False  # set from route's signature: route(logits, context)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.takes_context = len(inspect.signature(cls.route).parameters) >= 3
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, options: Any = None):
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_experts, self.top_k = cfg.moe.num_experts, cfg.moe.top_k
         self.jitter = cfg.moe.jitter
         self.options = options
@@ -63,13 +83,19 @@ class Router(nn.Module):
     def init_weights(self, init: Init) -> None:
         init(self.layer.weight, "router")
 
-    def forward(self, x: Tensor) -> Routing:
-        """``x``: (T, H). Multiplicative input jitter U(1-eps, 1+eps) applies in training only."""
+    def forward(self, x: Tensor, token_ids: Optional[Tensor] = None) -> Routing:
+        """``x``: (T, H); ``token_ids``: (T,) or None. Multiplicative input jitter U(1-eps, 1+eps) applies in
+        training only."""
+        hidden = x
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = self.layer(x)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least
-        return self.route(logits) if not logits.is_meta else self._balanced(logits)
+        if logits.is_meta:
+            return self._balanced(logits)
+        if self.takes_context:
+            return self.route(logits, RouterContext(hidden, token_ids, self.layer_idx))
+        return self.route(logits)
 
     def assignments(self, tokens: int) -> int:
         """How many (token, expert) assignments a batch of ``tokens`` tokens makes: ``tokens * top_k`` for

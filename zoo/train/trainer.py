@@ -183,6 +183,8 @@ class Trainer:
         self.weights, self.trainer_state = folder / WEIGHTS_NAME, folder / TRAINER_STATE_NAME
         self.sharded = folder / dcp_checkpoint.SHARDED_DIR
         self.metrics_path = self.out / "metrics.jsonl"
+        self.last_loss: float = float("nan")
+        self.val_loss: Optional[float] = None
         if resume:
             self._resume()
         elif self.rank == 0:
@@ -197,7 +199,6 @@ class Trainer:
         self.autocast = self.precision == "bf16" and not self.layout.fsdp  # FSDP2 casts by its own policy
         self.train_flops = model_stats(cfg, tc.seq_len).train_flops_per_token
         self.peak = matmul_peak() if self.device.type == "cpu" else None
-        self.last_loss, self.val_loss = float("nan"), None
 
     def _resume(self) -> None:
         if self.rank == 0:  # a kill during the last checkpoint's swap (zoo/files.py atomic_folder), or another write
@@ -228,6 +229,15 @@ class Trainer:
             lines = [ln for ln in self.metrics_path.read_text().splitlines()
                      if json.loads(ln).get("step", -1) < self.state.step]
             self.metrics_path.write_text("".join(ln + "\n" for ln in lines))
+            self._restore_last_losses([json.loads(ln) for ln in lines])
+
+    def _restore_last_losses(self, records: list[dict[str, Any]]) -> None:
+        """The losses a run had reached at its checkpoint, so that resuming a finished run reports them."""
+        for record in records:
+            if "loss" in record:
+                self.last_loss = record["loss"]
+            if record.get("val_loss") is not None:
+                self.val_loss = record["val_loss"]
 
     def wrap(self, forward: torch.nn.Module) -> torch.nn.Module:
         """The last wrapper around the parallel model (``zoo.distributed.parallelize``): ``tc.compile``
