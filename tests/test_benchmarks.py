@@ -24,6 +24,7 @@ def test_moe_layer_benchmark_runs_and_matches_hf(tmp_path):
     assert "zoo_auto vs HF" in r.stdout
 
 
+@pytest.mark.slow  # about 45 s on 2 cores: it pulls from a served hub and from the code before issue 19
 def test_checkpoint_io_benchmark_runs_and_loads_the_saved_weights(tmp_path):
     import torch
     from safetensors.torch import load_file
@@ -66,6 +67,7 @@ def test_checkpoint_io_benchmark_runs_and_loads_the_saved_weights(tmp_path):
     assert all(torch.equal(raw[k], saved[k]) for k in saved)
 
 
+@pytest.mark.slow  # about 30 s on 2 cores
 def test_train_step_benchmark_runs_identical_models(tmp_path):
     out = tmp_path / "train.json"
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py"), "--models", "llama", "mixtral",

@@ -43,8 +43,22 @@ REFERENCE = {
 }
 
 
-@parametrize_with_checks(BUILTINS, FAST)
+VARIANT_FAST = ("options", "meta_init", "forward_backward")  # a variant is its plugins' wiring; the rest run slow
+
+
+@parametrize_with_checks(PLUGINS, FAST)
 def test_builtin(check):
+    check()
+
+
+@parametrize_with_checks([s for s in BUILTINS if s.kind == "variant"], VARIANT_FAST)
+def test_builtin_variant(check):
+    check()
+
+
+@pytest.mark.slow
+@parametrize_with_checks([s for s in BUILTINS if s.kind == "variant"], [c for c in FAST if c not in VARIANT_FAST])
+def test_builtin_variant_more(check):
     check()
 
 

@@ -248,24 +248,11 @@ def test_tutorial_plugin_module_runs():
     assert strategy not in REGISTRY.names("norm strategy")
 
 
-SMALL = ["n_layers=1", "d_model=64", "n_heads=2", "ffn.hidden_size=128", "moe.hidden_size=64"]
-
-
 def _smoke(kind: str, name: str) -> None:
-    overrides = {
-        "norm strategy": ("tiny-dense-prenorm", [f"norm_strategy={name}"]),
-        "norm layer": ("tiny-dense-hybridnorm", [f"norm_layer={name}"]),
-        "attention": ("tiny-dense-hybridnorm", [f"attention.type={name}"]),
-        "router": ("tiny-dense-prenorm", ["ffn.type=moe", f"moe.router={name}"]),
-    }
-    if kind == "variant":
-        cfg = zoo.get_config(name)
-        assert zoo.stats(cfg, flops=False).total_params > 0
-        return
-    variant, extra = overrides[kind]
-    model = zoo.build(variant, [*SMALL, *extra])
-    losses = _train_steps(model, steps=1)
-    assert all(torch.isfinite(torch.tensor(losses))), (kind, name)
+    """The conformance kit's in-process checks on a docs example's registration."""
+    from zoo.testing import FAST, Subject, run_checks
+    failed = [o for o in run_checks([Subject(kind, name)], FAST) if o.status == "failed"]
+    assert not failed, failed
 
 
 def _reference_blocks() -> list[str]:
@@ -305,3 +292,77 @@ def test_notebook_example_registers_builds_and_unregisters():
     finally:
         for name in {r.name for r in REGISTRY.plugins()} - before:
             zoo.unregister_plugin(name)
+
+
+def _console_blocks(text: str) -> list[str]:
+    return re.findall(r"```console\n(.*?)```", text, re.S)
+
+
+def test_check_your_plugin_examples_run(capsys):
+    """The "Check your plugin" section: its `zoo check` output, and its parametrize_with_checks example."""
+    from zoo.cli import main
+    text = _read("plugins.md")
+    section = text[text.index("## Check your plugin"):text.index("## Hook reference")]
+    console = _console_blocks(section)[0]
+    command, expected = console.split("\n", 1)
+    module = _exec_module(_tutorial_block(), "docs_tutorial_plugin_check")
+    name = zoo.register_plugin(module, name="docs-tutorial-check")
+    try:
+        assert main(command.removeprefix("$ zoo ").split()) == 0
+        assert capsys.readouterr().out == expected
+        namespace: dict[str, Any] = {"__name__": "docs_check_example"}
+        exec(compile(_python_blocks(section)[0], "<docs/plugins.md:check>", "exec"), namespace)
+        params = namespace["test_layerscale"].pytestmark[0].args[1]
+        assert [p.id.rsplit("-", 1)[-1] for p in params][:3] == ["options", "bad_options", "meta_init"]
+        from zoo.testing import FAST
+        for p in params:
+            if p.values[0].check in FAST:
+                namespace["test_layerscale"](p.values[0])
+    finally:
+        zoo.unregister_plugin(name)
+
+
+RUN_IN_TESTS = ("zoo list", "zoo info", "zoo plugins --json", "zoo check", "zoo generate tiny-dense-hybridnorm --prompt",
+                "zoo eval tiny-dense-hybridnorm --data")  # the docs/cli.md examples that need no run folder or hours
+
+
+def _cli_examples() -> list[tuple[str, str]]:
+    examples = []
+    for block in _console_blocks(_read("cli.md")):
+        lines = block.splitlines()
+        starts = [i for i, line in enumerate(lines) if line.startswith("$ ")] + [len(lines)]
+        for i, end in zip(starts, starts[1:]):
+            command = lines[i][2:]
+            if command.startswith(RUN_IN_TESTS) and "|" not in command:
+                examples.append((command, "\n".join(lines[i + 1:end])))
+    return examples
+
+
+def _matches(expected: list[str], actual: list[str]) -> bool:
+    """``...`` alone on a line stands for any lines; a line ending in ``...`` for any line it starts."""
+    if not expected:
+        return not actual
+    head = expected[0]
+    if head.strip() == "...":
+        return any(_matches(expected[1:], actual[k:]) for k in range(len(actual) + 1))
+    if not actual:
+        return False
+    line, head = actual[0].rstrip(), head.rstrip()
+    same = line.startswith(head[:-3]) if head.endswith("...") else line == head
+    return same and _matches(expected[1:], actual[1:])
+
+
+@pytest.mark.parametrize("command, expected", _cli_examples(), ids=[c for c, _ in _cli_examples()])
+def test_cli_md_examples_print_what_they_show(command, expected, capsys):
+    import shlex
+
+    from zoo.cli import main
+    main(shlex.split(command)[1:])
+    out, err = capsys.readouterr()
+    actual = [line for line in (err + out).splitlines() if not line.startswith("zoo: note:")]
+    assert _matches(expected.splitlines(), actual), "\n".join(actual)
+
+
+def test_the_cli_md_examples_are_found():
+    commands = [c for c, _ in _cli_examples()]
+    assert len(commands) >= 10 and any(c.startswith("zoo check") for c in commands)

@@ -61,6 +61,17 @@ def test_mla_matches_the_equations():
     torch.testing.assert_close(attn(x), _reference(attn, x, model.cfg.attention.rope_theta), rtol=1e-5, atol=1e-8)
 
 
+def _assert_cached_greedy_is_recomputed(model, prompt, steps):
+    """``model.generate`` (KV cache) against argmax of a full forward at each step; returns the tokens."""
+    out = model.generate(prompt, steps)
+    seq = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
+    return out
+
+
 @pytest.mark.parametrize("kind", ["dense", "moe"])
 @pytest.mark.parametrize("strategy", REGISTRY.names("norm strategy", usable=True))
 def test_cached_generation_equals_recomputation(strategy, kind):
@@ -68,13 +79,7 @@ def test_cached_generation_equals_recomputation(strategy, kind):
     torch.manual_seed(1)
     model = zoo.build(f"tiny-{kind}-prenorm", [*MLA, f"norm_strategy={strategy}", "attention.options.q_lora_rank=32"],
                       dtype=torch.float64).eval()
-    prompt = torch.randint(0, 256, (2, 6))
-    out = model.generate(prompt, 5)
-    seq = prompt
-    for _ in range(5):
-        with torch.no_grad():
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, seq)
+    out = _assert_cached_greedy_is_recomputed(model, torch.randint(0, 256, (2, 6)), 5)
     cache = model.new_cache(16)
     with torch.no_grad():
         model(out[:, :-1], cache=cache, positions=torch.arange(10).expand(2, 10))
@@ -148,10 +153,4 @@ def test_interleaved_and_yarn_cached_generation_equals_recomputation(attention):
     model = zoo.build("tiny-dense-hybridnorm", [*extra, "attention.rope_layout=interleaved", "attention.yarn.factor=4",
                                                 "attention.yarn.original_max_seq_len=16",
                                                 "attention.yarn.mscale_all_dim=1"], dtype=torch.float64).eval()
-    prompt = torch.randint(0, 256, (1, 5))
-    out = model.generate(prompt, 6)
-    seq = prompt
-    for _ in range(6):
-        with torch.no_grad():
-            seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], 1)
-    assert torch.equal(out, seq)
+    _assert_cached_greedy_is_recomputed(model, torch.randint(0, 256, (1, 5)), 6)

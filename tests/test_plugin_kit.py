@@ -133,22 +133,13 @@ DEFECTS = '''
     from torch import nn
 
     import zoo
+    from zoo_good_plugins import ScaledPreNorm
 
 
-    class Base(zoo.NormStrategy):
-        norms = ("attn_norm", "ffn_norm")
-
-        @dataclass
-        class Options:
-            init: float = 1.0
-
+    class Base(ScaledPreNorm):  # the good strategy, with two seams where a defect goes in
         def __init__(self, cfg, layer, make_norm, options):
             super().__init__(cfg, layer, make_norm, options)
-            self.scale = nn.Parameter(torch.full((2,), options.init))
             self.on_meta = self.scale.is_meta
-
-        def reset_parameters(self):
-            nn.init.constant_(self.scale, self.options.init)
 
         def attn_in(self, x):
             return x
@@ -157,9 +148,7 @@ DEFECTS = '''
             return y
 
         def forward(self, x, attn, ffn):
-            x = self.attn_in(x)
-            h = x + self.scale[0] * attn(self.attn_norm(x))
-            return self.out(h + self.scale[1] * ffn(self.ffn_norm(h)))
+            return self.out(super().forward(self.attn_in(x), attn, ffn))
 
 
     class DropsOptions(Base):  # options: never hands its options to the base class

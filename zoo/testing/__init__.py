@@ -139,8 +139,10 @@ def parametrize_with_checks(specs: Iterable[Union[str, Subject]], checks: Iterab
     return pytest.mark.parametrize("check", params)
 
 
-def print_outcomes(outcomes: list[Outcome], file: Any = sys.stdout) -> None:
-    """One line per outcome, grouped by name: PASS, FAIL (with the reason) or n/a (with the reason)."""
+def print_outcomes(outcomes: list[Outcome], file: Any = None) -> None:
+    """One line per outcome, grouped by name: PASS, FAIL (with the reason) or n/a (with the reason); to
+    ``file`` (default: stdout)."""
+    file = file if file is not None else sys.stdout
     label = {"passed": "PASS", "failed": "FAIL", "not applicable": "n/a "}
     current = None
     for o in outcomes:

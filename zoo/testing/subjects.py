@@ -83,7 +83,7 @@ def parse(spec: str, overrides: tuple[str, ...] = ()) -> Subject:
     if not kinds:
         raise UnknownNameError("plugin name", spec, {n for kind in KINDS for n in REGISTRY.names(kind, usable=True)})
     if len(kinds) > 1:
-        raise ConfigError(f"{spec!r} names a {' and a '.join(kinds)}; say which: "
+        raise ConfigError(f"{spec!r} is registered as {' and as '.join(kinds)}; say which: "
                           + " or ".join(f"{k.replace(' ', '-')}:{spec}" for k in kinds))
     REGISTRY.get(kinds[0], spec)
     return Subject(kinds[0], spec, overrides)

@@ -112,7 +112,11 @@ def main(argv: list[str]) -> int:
     folder = Path(spec["folder"])
     try:
         _register(spec)
-        results = save_load(spec, folder) if mode == "save_load" else distributed(spec, folder, mode)
+        if mode == "save_load":
+            torch.set_num_threads(spec["threads"])
+            results = save_load(spec, folder)
+        else:
+            results = distributed(spec, folder, mode)
     except Exception:
         traceback.print_exc()
         return 1
