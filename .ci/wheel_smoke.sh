@@ -14,6 +14,7 @@ bin=$(dirname "$python")
 echo "== wheel smoke in $work"
 "$bin/zoo" list
 "$bin/zoo" info olmoe-1b-7b-hybridnorm-star
+"$bin/zoo" check attention:mla router:hash --check options --check save_load   # the kit, a fresh process included
 snapshot=$("$bin/zoo" pull tiny-dense-hybridnorm | tail -1)
 echo "pulled into $snapshot"
 case "$snapshot" in "$HF_HOME"/*) ;; *) echo "smoke: the pull did not land in the fresh HF_HOME" >&2; exit 1 ;; esac
