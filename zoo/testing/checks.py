@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor, nn
 
-from ..builder import build_model, empty_model, resolve
+from ..builder import build_model, empty_model
 from ..config import ModelConfig, merge_config
 from ..errors import ZooError
 from ..kernels import use as use_kernels
@@ -60,26 +60,20 @@ def loss_of(model: ZooModel, idx: Tensor) -> Tensor:
     return out.loss + (out.aux_loss if out.aux_loss is not None else 0.0)
 
 
-def instances(subject: Subject, model: ZooModel) -> list[nn.Module]:
-    """The modules of ``model`` that the subject's plugin made (strategies, attentions or routers)."""
-    cls = subject.plugin
-    return [m for m in model.modules() if isinstance(cls, type) and type(m) is cls]
-
-
 # -- the checks -------------------------------------------------------------------------------------
 def check_options(subject: Subject, model: str) -> None:
     """The plugin builds with its default options, and every module it makes keeps them as ``self.options``."""
-    if subject.kind == "variant":
-        parts = resolve(config(subject, model))
-        kept = [(parts.strategy, parts.strategy_options), (parts.attention, parts.attention_options)]
-    elif subject.kind == "norm layer":
+    if subject.kind == "norm layer":
         layer = subject.plugin(8, eps=1e-5)
         expect(isinstance(layer, nn.Module), f"norm layer {subject.name!r} made {type(layer).__name__}, not an nn.Module")
         return
-    else:
-        kept = [(subject.plugin, None)]
-    built = build(subject, model, dtype=torch.float32)
-    for cls, _ in kept:
+    classes = [subject.plugin]
+    if subject.kind == "variant":
+        cfg = config(subject, model)
+        classes = [REGISTRY.get("norm strategy", cfg.norm_strategy), REGISTRY.get("attention", cfg.attention.type)]
+        classes += [REGISTRY.get("router", cfg.moe.router)] if cfg.is_moe else []
+    built = build(subject, model)
+    for cls in classes:
         mods = [m for m in built.modules() if type(m) is cls]
         expect(bool(mods), f"no module of {cls.__name__} in the model built with {subject.id}")
         for m in mods:

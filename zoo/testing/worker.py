@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from ..builder import build_model, empty_model
+from ..builder import build_model
 from ..checkpoint import load
 from ..distributed.layout import Layout
 from ..distributed.parallelize import parallelize
@@ -75,16 +75,9 @@ def distributed(spec: dict[str, Any], folder: Path, mode: str) -> dict[str, Any]
             par.forward(mine[:, :-1], mine[:, 1:]).loss.backward()
             grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad)
                      for n, p in par.model.named_parameters() if p.grad is not None}
-            if rank == 0:  # one process, initialized as the layout does (FSDP2 on meta), so only sharding differs
+            if rank == 0:  # one process, built as zoo.build does
                 torch.manual_seed(0)
-                if mode == "fsdp":
-                    ref = empty_model(cfg)
-                    ref.to_empty(device="cpu")
-                    ref.init_weights()
-                    ref.to(torch.float64)
-                else:
-                    ref = build_model(cfg, dtype=torch.float64)
-                ref.eval()
+                ref = build_model(cfg, dtype=torch.float64).eval()
                 ordered = torch.cat([idx[r::world] for r in range(world)])
                 ref(ordered[:, :-1], ordered[:, 1:]).loss.backward()
                 want = {n: p.grad for n, p in ref.named_parameters() if p.grad is not None}
