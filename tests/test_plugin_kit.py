@@ -270,10 +270,12 @@ TEST_FILE = '''
 
 GOOD_NAMES = ["norm-strategy:good-norm", "attention:good-attn", "router:good-router"]
 DEFECT_NAMES = {check: "norm-strategy:defect-" + check.replace("_", "-") for check in CHECKS}
-# What each defect fails: its own check, and two that real runs share. A parameter without a gradient also breaks
-# DDP, whose reducer then never averages that bucket (the ranks keep different gradients); a value set in __init__
-# alone also breaks FSDP2, which builds on meta and so starts from uninitialized memory there.
-EXPECTED = {check: {check} | {"gradients": {"ddp"}, "meta_init": {"fsdp"}}.get(check, set()) for check in CHECKS}
+# What each defect fails: its own check, and one that real runs share: a parameter without a gradient also breaks
+# DDP, whose reducer then never averages that bucket (the ranks keep different gradients).
+EXPECTED = {check: {check} | ({"ddp"} if check == "gradients" else set()) for check in CHECKS}
+# A value set in __init__ alone leaves FSDP2, which builds on meta, on uninitialized memory: fsdp fails too unless
+# the allocator happens to hand back a block that holds the same values, so it may or may not fail.
+MAY_ALSO_FAIL = {"meta_init": {"fsdp"}}
 
 
 def _package(root: Path, name: str, module: str, source: str) -> Path:
@@ -306,7 +308,8 @@ def test_zoo_check_passes_the_good_plugins_and_fails_each_defect_at_its_check(si
     assert [o for o in good if o["status"] != "passed"] == []
     for check, name in DEFECT_NAMES.items():
         failed = {o["check"] for o in outcomes if o["subject"] == name and o["status"] == "failed"}
-        assert failed == EXPECTED[check], (name, [o for o in outcomes if o["subject"] == name and o["status"] == "failed"])
+        assert EXPECTED[check] <= failed <= EXPECTED[check] | MAY_ALSO_FAIL.get(check, set()), (
+            name, [o for o in outcomes if o["subject"] == name and o["status"] == "failed"])
 
 
 def test_the_pytest_form_fails_exactly_the_planted_check_ids(site, tmp_path, subprocess_env):
@@ -322,5 +325,7 @@ def test_the_pytest_form_fails_exactly_the_planted_check_ids(site, tmp_path, sub
     for case in cases:
         test_id = case.get("name").split("[", 1)[1].rstrip("]")
         (failed if case.find("failure") is not None or case.find("error") is not None else passed).add(test_id)
-    assert failed == {f"{name}-{failing}" for check, name in DEFECT_NAMES.items() for failing in EXPECTED[check]}
+    must = {f"{name}-{failing}" for check, name in DEFECT_NAMES.items() for failing in EXPECTED[check]}
+    may = {f"{name}-{failing}" for check, name in DEFECT_NAMES.items() for failing in MAY_ALSO_FAIL.get(check, ())}
+    assert must <= failed <= must | may
     assert {f"{n}-{c}" for n in GOOD_NAMES for c in CHECKS if not (n.startswith("router") and c == "kv_cache")} <= passed
