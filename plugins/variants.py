@@ -6,8 +6,9 @@ parameters (see variant_configs/tiny-moe.yaml). The ladder (about 20M, 150M and 
 parameters) exists dense and MoE, matched the same way, for the paper's three placements; other
 placements reach its sizes through ``--set norm_strategy=...``. ``extra`` says what the experiments take by
 default: ``study`` (the placements `zoo study` compares, in this order; the first is the baseline of
-its paired differences), ``label`` (a placement's name in reports) and ``compare`` (what `zoo compare`
-trains).
+its paired differences), ``label`` (a placement's name in reports), ``paper`` (what the paper claims of
+the placement against the baseline, which the study's report checks) and ``compare`` (what `zoo
+compare` trains).
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ CONFIGS = Path(__file__).parent / "variant_configs"
 TINY_STRATEGIES = ("prenorm", "postnorm", "hybridnorm", "hybridnorm-star", "mixln", "periln", "qknorm", "olmo2", "deepnorm")
 STUDY = {"prenorm": "Pre-Norm", "postnorm": "Post-Norm", "mixln": "Mix-LN", "hybridnorm": "HybridNorm",
          "hybridnorm-star": "HybridNorm*"}  # in the order of the study's tables and plots; the first is its baseline
+PAPER_CLAIMS = ("hybridnorm", "hybridnorm-star")  # the paper reports these below Pre-Norm in loss
 COMPARE = ("hybridnorm", "prenorm")
 LADDER = {"20m": "about 20M", "150m": "about 150M", "550m": "about 550M"}
 LADDER_STRATEGIES = ("prenorm", "hybridnorm", "hybridnorm-star")
@@ -31,6 +33,8 @@ PAPER = {
 
 def _extra(strategy: str) -> dict[str, object]:
     study = {"study": list(STUDY).index(strategy), "label": STUDY[strategy]} if strategy in STUDY else {}
+    if strategy in PAPER_CLAIMS:
+        study["paper"] = "lower loss"
     return {**study, **({"compare": True} if strategy in COMPARE else {})}
 
 

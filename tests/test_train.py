@@ -8,8 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import zoo
 from zoo.train import TrainConfig, train
+from zoo.train.optim import make_optimizer
 
 SMALL = ["--set", "d_model=64", "--set", "n_layers=2", "--set", "n_heads=2", "--set", "ffn.hidden_size=128",
          "--steps", "12", "--batch-size", "4", "--seq-len", "32", "--eval-every", "100", "--warmup", "2", "--seed", "3"]
@@ -268,3 +271,33 @@ def test_random_kills_then_resume_give_the_uninterrupted_curve(tmp_path, data, w
     leftovers = [str(p.relative_to(run)) for p in run.rglob("*")
                  if (p.name.startswith(".") and p.name != ".metadata") or p.suffix in (".tmp", ".partial")]
     assert leftovers == []  # (.metadata is the index torch.distributed.checkpoint writes into each step's folder)
+
+
+@pytest.mark.parametrize("decay_norm_and_bias", [False, True])
+def test_decay_norm_and_bias_puts_norm_gains_under_weight_decay(decay_norm_and_bias):
+    """The HybridNorm code's ``decay_norm_and_bias: true``: every norm gain (Q/K/V norms included) decays;
+    the embedding never does. One AdamW step from lr 1 with zero gradients shows it on the values."""
+    model = zoo.build("tiny-dense-hybridnorm")
+    opt = make_optimizer(model, TrainConfig(lr=1.0, weight_decay=0.5, decay_norm_and_bias=decay_norm_and_bias))
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    gains = {n: p for n, p in model.named_parameters() if p.ndim == 1}
+    assert any(".q_norm." in n for n in gains) and all(("norm" in n) for n in gains)
+    assert all((id(p) in decayed) == decay_norm_and_bias for p in gains.values())
+    assert id(model.embed.weight) not in decayed
+    before = {n: p.detach().clone() for n, p in gains.items()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in gains.items():
+        expected = before[n] * (0.5 if decay_norm_and_bias else 1.0)  # AdamW: p -= lr * wd * p, with no gradient
+        torch.testing.assert_close(p.detach(), expected)
+
+
+def test_zoo_train_takes_decay_norm_and_bias_and_eval_batches(tmp_path, data):
+    run = tmp_path / "run"
+    r = subprocess.run(zoo_cmd("train", "tiny-dense-prenorm", "--out", str(run), "--steps", "1", "--batch-size", "1",
+                               "--seq-len", "16", "--eval-every", "1", "--eval-batches", "2", "--decay-norm-and-bias",
+                               "--data", data), env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    saved = json.loads((run / "train.json").read_text())
+    assert saved["decay_norm_and_bias"] is True and saved["eval_batches"] == 2

@@ -14,7 +14,7 @@ from .text import human, print_table
 
 EPILOG = """examples:
   zoo compare                                tiny dense and MoE HybridNorm vs Pre-Norm, trained side by side
-  zoo study --report docs/results.md --cards model_cards   the HybridNorm study (5 placements x dense/MoE x seeds)
+  zoo study --report docs/results.md --cards model_cards   the HybridNorm study (placements x rates x seeds, a depth map)
   zoo train tiny-moe-hybridnorm --steps 300  train one variant (metrics in runs/NAME/metrics.jsonl)
   zoo list 'tiny-*'                          tiny variants with their parameter counts
   zoo info olmo2-1b-hybridnorm               config, total/active params, FLOPs per token
@@ -186,7 +186,7 @@ def _train_config(args: argparse.Namespace, base: Any = None) -> Any:
     from .train.trainer import TrainConfig
     tc = base if base is not None else TrainConfig()
     for key in ("steps", "batch_size", "seq_len", "lr", "seed", "data", "tokenizer", "eval_every", "checkpoint_every", "compile",
-                "precision", "grad_accum", "dp_shard", "dp_replicate", "ep", "ac", "dist_timeout"):
+                "decay_norm_and_bias", "eval_batches", "precision", "grad_accum", "dp_shard", "dp_replicate", "ep", "ac", "dist_timeout"):
         value = getattr(args, key, None)
         if value is not None:
             setattr(tc, key, value)
@@ -271,58 +271,81 @@ def _compare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
+    from .experiments.analysis import Study
+    from .experiments.records import read_study
     from .experiments.report import write_report
-    from .experiments.study import StudyConfig, run_study
-    sc = StudyConfig()
-    main = replace(sc.main, **{k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
-                                                  ("seq_len", args.seq_len), ("data", args.data)) if v is not None})
-    main.eval_every = min(main.eval_every, main.steps)
-    main.checkpoint_every = main.steps
-    depth = None
-    if not args.no_depth:
-        depth = replace(sc.depth, **{k: v for k, v in (("steps", args.depth_steps), ("data", args.data)) if v is not None})
-        depth.eval_every = min(depth.eval_every, depth.steps)
-        depth.checkpoint_every = depth.steps
-    sc = replace(sc, strategies=tuple(args.strategies or sc.strategies), kinds=tuple(args.kinds or sc.kinds),
-                 seeds=tuple(args.seeds if args.seeds is not None else sc.seeds), main=main, depth=depth,
-                 depth_seeds=tuple(args.depth_seeds if args.depth_seeds is not None else sc.depth_seeds),
-                 depth_lrs=tuple(args.depth_lr or sc.depth_lrs))
-    out = Path(args.out)
-    report = Path(args.report) if args.report else out / "results.md"
-    results = run_study(sc, out, jobs=args.jobs)
-    data = write_report(sc, results, out, report, Path(args.cards) if args.cards else None,
-                        "zoo " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["study"] else "zoo study")
-    diverged = sum(r["diverged"] for r in data["runs"])
-    print(f"{len(data['runs'])} runs ({diverged} diverged); report: {report} (plots in {report.parent / report.stem}/), "
-          f"numbers: {out / 'study.json'}" + (f"; card results: {len(data.get('cards', []))} files in {args.cards}/results/"
-                                              f" (render with `zoo card --all --write`)" if args.cards else ""))
+    from .experiments.study import StudyConfig, configure, data_facts, recorded, run_study
+    report = Path(args.report) if args.report else Path(args.out) / "results.md"
+    records_dir = Path(args.records) if args.records else report.parent / report.stem
+    saved = read_study(records_dir)
+    sc = configure(StudyConfig.from_json(saved["config"]) if saved else StudyConfig(),
+                   strategies=args.strategies, kinds=args.kinds, lrs=args.lrs, seeds=args.seeds,
+                   depths=[] if args.no_map else args.depths, map_lrs=args.map_lrs, warmups=args.warmups,
+                   shared_lr=args.shared_lr, selection_seed=args.selection_seed, map_seed=args.map_seed,
+                   steps=args.steps, map_steps=args.map_steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                   data=args.data, decay_norm_and_bias=False if args.no_decay_norm_and_bias else None)
+    sc.check()
+    if args.jobs < 1:
+        raise ZooError(f"--jobs must be at least 1, not {args.jobs}")
+    shown = args.report or str(report)
+    if args.report_only:
+        if saved is None:
+            raise ZooError(f"{records_dir}: no study records here ({records_dir / 'study.json'} is missing); run "
+                           f"`zoo study --report {shown}` first, or name the records with --records")
+        records = recorded(sc, records_dir)
+        data = saved.get("data") or data_facts(sc.main)
+    else:
+        records = run_study(sc, Path(args.out), records_dir, jobs=args.jobs)
+        data = read_study(records_dir)["data"]  # type: ignore[index]
+    study = Study(sc, data, records)
+    cards = write_report(study, report, Path(args.cards) if args.cards else None, shown, args.records or "")
+    print(f"{len(records)} of {len(study.planned)} runs recorded in {records_dir}; report: {report} (plots in "
+          f"{report.parent / report.stem}/)" + (f"; card results: {len(cards)} files in {args.cards}/results/ (render "
+                                                 "with `zoo card --all --write`)" if args.cards else ""))
     return 0
 
 
 def _study_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--strategies", nargs="+", metavar="NAME", help="norm strategies, the first the baseline of the paired "
-                   "differences (default: those the registered variants offer the study, for the built-ins prenorm postnorm "
-                   "mixln hybridnorm hybridnorm-star); each trains as tiny-KIND-NAME")
-    p.add_argument("--kinds", nargs="+", choices=["dense", "moe"], help="model kinds (default: dense moe)")
-    p.add_argument("--seeds", nargs="+", type=int, metavar="S", help="seeds of the main grid (default: 0 1 2)")
-    p.add_argument("--steps", type=int, default=None, help="steps per main-grid run (default: 200)")
-    p.add_argument("--lr", type=float, default=None, help="main-grid peak learning rate (default: 3e-3)")
-    p.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 8)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 256)")
-    p.add_argument("--data", default=None, help="data spec, as for zoo train (default: stdlib)")
-    p.add_argument("--no-depth", action="store_true", help="skip the depth stress test")
-    p.add_argument("--depth-steps", type=int, default=None, help="steps per depth-stress run (default: 150)")
-    p.add_argument("--depth-lr", type=float, nargs="+", default=None, metavar="LR", help="depth-stress peak learning "
-                   "rates, one group each (default: 1e-2)")
-    p.add_argument("--depth-seeds", nargs="+", type=int, metavar="S", help="depth-stress seeds (default: 0 1)")
-    p.add_argument("--jobs", type=int, default=1, help="trainings side by side, each on cores/JOBS threads (default: 1)")
-    p.add_argument("--out", default="runs/study", help="run folders and study.json (default: runs/study); finished "
-                   "runs found here are reused")
-    p.add_argument("--report", default=None, help="Markdown report; plots go to a folder of the same stem beside it "
-                   "(default: OUT/results.md; the zoo's own is docs/results.md)")
-    p.add_argument("--cards", metavar="DIR", default=None, help="write each main-grid variant's measured numbers to "
+    g = p.add_argument_group("the placements (tables 1-3)")
+    g.add_argument("--strategies", nargs="+", metavar="NAME", help="norm strategies, the first the baseline of the "
+                   "paired differences (default: those the registered variants offer the study, for the built-ins "
+                   "prenorm postnorm mixln hybridnorm hybridnorm-star); each trains as tiny-KIND-NAME, or, for a "
+                   "strategy without tiny variants (an installed plugin's), as the baseline's with norm_strategy=NAME")
+    g.add_argument("--kinds", nargs="+", choices=["dense", "moe"], help="model kinds (default: dense moe)")
+    g.add_argument("--lrs", nargs="+", type=float, metavar="LR", help="peak learning rates to choose each "
+                   "placement's best from (default: 1e-3 2e-3 3e-3 6e-3 1e-2 2e-2)")
+    g.add_argument("--shared-lr", type=float, default=None, metavar="LR", help="the one rate every placement also "
+                   "trains at (default: 3e-3)")
+    g.add_argument("--selection-seed", type=int, default=None, metavar="S", help="the seed the best rate is chosen "
+                   "on (default: 0); it is never an evaluation seed")
+    g.add_argument("--seeds", nargs="+", type=int, metavar="S", help="evaluation seeds, at the shared rate and at "
+                   "each best rate (default: 1 2 3)")
+    g.add_argument("--steps", type=int, default=None, help="steps per run (default: 500, about 1M tokens)")
+    g.add_argument("--batch-size", type=int, default=None, help="sequences per step (default: 8)")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 256)")
+    g.add_argument("--data", default=None, help="data spec, as for zoo train (default: stdlib)")
+    g.add_argument("--no-decay-norm-and-bias", action="store_true", help="leave norm gains and biases undecayed "
+                   "(default: decayed, as the HybridNorm code trains)")
+    g = p.add_argument_group("the stability map (dense, depth by peak rate)")
+    g.add_argument("--depths", nargs="+", type=int, metavar="L", help="layers (default: 4 8 16 24 32)")
+    g.add_argument("--map-lrs", nargs="+", type=float, metavar="LR", help="peak rates (default: 1e-3 3e-3 1e-2 3e-2)")
+    g.add_argument("--warmups", nargs="+", type=int, metavar="STEPS", help="warmup lengths, a third axis "
+                   "(default: the map's own, 20 steps)")
+    g.add_argument("--map-steps", type=int, default=None, help="steps per map run (default: 150)")
+    g.add_argument("--map-seed", type=int, default=None, metavar="S", help="the map's seed (default: 0)")
+    g.add_argument("--no-map", action="store_true", help="leave the stability map out")
+    g = p.add_argument_group("where things go")
+    g.add_argument("--jobs", type=int, default=1, help="trainings side by side, each on cores/JOBS threads (default: 1)")
+    g.add_argument("--out", default="runs/study", help="run folders, one per run, with full metrics and logs "
+                   "(default: runs/study)")
+    g.add_argument("--report", default=None, help="Markdown report; plots and run records go to the folder of the "
+                   "same stem beside it (default: OUT/results.md; the zoo's own is docs/results.md)")
+    g.add_argument("--records", default=None, metavar="DIR", help="run records and study.json (default: the report's "
+                   "folder, e.g. docs/results/); a run recorded here with the same settings is not trained again, so "
+                   "a study continues from them on any machine")
+    g.add_argument("--report-only", action="store_true", help="rebuild the report (and --cards) from the records "
+                   "without training; the grid is the records' own unless options change it")
+    g.add_argument("--cards", metavar="DIR", default=None, help="write each placement's best-rate numbers to "
                    "DIR/results/NAME.json (the zoo's own: model_cards)")
 
 
@@ -339,10 +362,14 @@ def _add_train_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (linear warmup, cosine decay to 10%%)")
     p.add_argument("--warmup", type=int, default=None, help="warmup steps")
     p.add_argument("--eval-every", type=int, default=None, help="validation loss every N steps")
+    p.add_argument("--eval-batches", type=int, default=None, metavar="N", help="fixed validation batches per "
+                   "evaluation (default: 4)")
     p.add_argument("--checkpoint-every", type=int, default=None, help="checkpoint every N steps (and at the end)")
     p.add_argument("--seed", type=int, default=None, help="seed of the init and of the data order")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile the training forward "
                    "(inductor; the first steps take longer while it compiles)")
+    p.add_argument("--decay-norm-and-bias", action="store_true", default=None, help="weight decay on norm gains and "
+                   "biases too, as the HybridNorm code trains (default: matrices only)")
 
 
 def _add_parallel_options(p: argparse.ArgumentParser) -> None:
@@ -657,8 +684,10 @@ COMMANDS: list[tuple[str, Callable[[argparse.Namespace], int], Callable[[argpars
             "print the snapshot folder."),
     ("study", cmd_study, _study_arguments,
      "The HybridNorm study at CPU scale: Pre-Norm, Post-Norm, Mix-LN, HybridNorm and "
-            "HybridNorm*, dense and MoE, over seeds, plus a deep narrow stress test; writes a Markdown report with "
-            "plots (loss, per-layer FFN gradient norms, attention logits) and, with --cards, the model cards' results."),
+            "HybridNorm* (or any norm strategy), dense and MoE, at a shared learning rate and each at its own best "
+            "(chosen on a selection seed, reported on others), plus a depth-by-learning-rate stability map; keeps a "
+            "compact record per run, and writes a Markdown report with plots and, with --cards, the model cards' "
+            "results. --report-only rebuilds the report from the records."),
     ("generate", cmd_generate, _generate_arguments,
      "Generate text from a variant or checkpoint with a KV cache, streaming tokens "
             "as they come: greedy by default, or sampled with --temperature, --top-k, --top-p."),

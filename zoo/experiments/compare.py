@@ -31,10 +31,12 @@ def train_command(name: str, tc: TrainConfig, out: Path, overrides: list[str]) -
     """The ``zoo train`` command line that trains ``name`` with ``tc`` into ``out``."""
     cmd = [sys.executable, "-m", "zoo", "train", name, "--out", str(out), "--steps", str(tc.steps), "--batch-size",
            str(tc.batch_size), "--seq-len", str(tc.seq_len), "--lr", str(tc.lr), "--seed", str(tc.seed), "--data", tc.data,
-           "--tokenizer", tc.tokenizer, "--eval-every", str(tc.eval_every), "--checkpoint-every", str(tc.checkpoint_every),
+           "--tokenizer", tc.tokenizer, "--eval-every", str(tc.eval_every), "--eval-batches", str(tc.eval_batches), "--checkpoint-every", str(tc.checkpoint_every),
            "--warmup", str(tc.warmup_steps)]
     if tc.compile:
         cmd.append("--compile")
+    if tc.decay_norm_and_bias:
+        cmd.append("--decay-norm-and-bias")
     for item in overrides:
         cmd += ["--set", item]
     return cmd

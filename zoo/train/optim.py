@@ -20,6 +20,7 @@ class AdamWSettings(Protocol):
     weight_decay: float
     beta1: float
     beta2: float
+    decay_norm_and_bias: bool
 
 
 def lr_at(step: int, tc: Schedule) -> float:
@@ -31,13 +32,15 @@ def lr_at(step: int, tc: Schedule) -> float:
 
 
 def make_optimizer(model: torch.nn.Module, tc: AdamWSettings) -> torch.optim.AdamW:
-    """Weight decay on matrices except the embedding; gains, biases and scalars undecayed.
+    """Weight decay on matrices except the embedding; gains, biases and scalars too with
+    ``decay_norm_and_bias`` (the HybridNorm code's setting, OLMo's option of that name), else undecayed.
 
     The fused AdamW kernel (one pass over each tensor) where the parameters' device has it, as
     transformers' Trainer defaults to."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (decay if p.ndim >= 2 and not name.startswith("embed.") else no_decay).append(p)
+        decayed = (p.ndim >= 2 or tc.decay_norm_and_bias) and not name.startswith("embed.")
+        (decay if decayed else no_decay).append(p)
     fused = all(p.device.type in ("cpu", "cuda") for p in (*decay, *no_decay))
     return torch.optim.AdamW([{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                              lr=tc.lr, betas=(tc.beta1, tc.beta2), **({"fused": True} if fused else {"foreach": True}))

@@ -80,6 +80,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
     weight_decay: float = 0.1
+    decay_norm_and_bias: bool = False     # weight decay on norm gains and biases too (the HybridNorm code's setting)
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
@@ -115,7 +116,7 @@ class TrainConfig:
     def check(self) -> None:
         """Refuse settings no run can use, naming the option (one line, before anything is built)."""
         at_least_one = {"--steps": self.steps, "--batch-size": self.batch_size, "--seq-len": self.seq_len,
-                        "--eval-every": self.eval_every, "eval_batches": self.eval_batches,
+                        "--eval-every": self.eval_every, "--eval-batches": self.eval_batches,
                         "--checkpoint-every": self.checkpoint_every, "--grad-accum": self.grad_accum}
         for flag, value in at_least_one.items():
             if value < 1:
