@@ -119,7 +119,10 @@ class Study:
 
 
 def highest_trained(study: Study, strategy: str, depth: int, warmup: int) -> Optional[float]:
-    """The highest rate of the map at which ``strategy`` trained at ``depth`` (None: none did)."""
+    """The highest rate of the map at which ``strategy`` trained at ``depth`` (None: none did, or a cell of
+    the row is still to train)."""
+    if any(study.cell(strategy, depth, lr, warmup) is None for lr in study.sc.map_lrs):
+        return None
     ok = [lr for lr in study.sc.map_lrs if verdict(study.cell(strategy, depth, lr, warmup), study.unigram) == "trained"]
     return max(ok) if ok else None
 

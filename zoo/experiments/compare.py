@@ -18,6 +18,7 @@ from ..errors import ZooError
 from ..registry import REGISTRY
 from ..text import print_table as text_table
 from ..train.trainer import DIVERGED_EXIT, TrainConfig
+from .records import training_steps
 
 COLUMNS = ("variant", "total_params", "active_params", "flops_per_token", "tokens_per_s", "peak_mem_mb",
            "train_loss", "val_loss", "diverged")
@@ -80,7 +81,7 @@ def compare(names: Optional[list[str]] = None, tc: Optional[TrainConfig] = None,
         run = run_variant(name, tc, out / name, overrides or [])
         st = stats(name, overrides, seq_len=tc.seq_len)
         m = run["metrics"]
-        train_losses = [r["loss"] for r in m if "loss" in r and "event" not in r]
+        train_losses = [r["loss"] for r in training_steps(m)]
         vals = [r["val_loss"] for r in m if "val_loss" in r]
         rows.append({
             "variant": name, "total_params": st.total_params, "active_params": st.active_params,
@@ -128,7 +129,7 @@ def plot(curves: dict[str, list[dict[str, Any]]], out: Path) -> None:
     for x_key, fname, label in (("tokens", "loss_vs_tokens.png", "tokens"), ("wall", "loss_vs_time.png", "wall time (s)")):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for name, m in curves.items():
-            steps = [r for r in m if "loss" in r and "event" not in r]
+            steps = training_steps(m)
             if steps:
                 line, = ax.plot([r[x_key] for r in steps], [r["loss"] for r in steps], label=f"{name} (train)", alpha=0.8)
                 vals = [r for r in steps if "val_loss" in r]

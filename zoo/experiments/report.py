@@ -88,12 +88,16 @@ def _sorted_rows(study: Study, lr_of: Any) -> list[tuple[str, str, Optional[floa
     return rows
 
 
+def baseline_model(study: Study, kind: str) -> tuple[Any, Any]:
+    """The config and stats of the model the baseline placement trains as, for the setup table and the caveat."""
+    config = get_config(study_model(kind, study.sc.strategies[0])[0])
+    return config, stats(config, seq_len=study.sc.main.seq_len)
+
+
 def differences(study: Study) -> list[str]:
     """The setup beside the paper's, row by row (the paper's side from its released configs)."""
     sc, m = study.sc, study.sc.main
-    dense = get_config(study_model("dense", sc.strategies[0])[0])
-    moe = get_config(study_model("moe", sc.strategies[0])[0])
-    ds, ms = stats(dense, seq_len=m.seq_len), stats(moe, seq_len=m.seq_len)
+    (dense, ds), (moe, ms) = baseline_model(study, "dense"), baseline_model(study, "moe")
     tokens = m.steps * m.batch_size * m.seq_len
     depths = ", ".join(map(str, sc.depths))
     rows = [
@@ -186,7 +190,7 @@ def _map_summary(study: Study) -> list[str]:
             for d in sc.depths:
                 cell = [study.cell(s, d, lr, w) for lr in sc.map_lrs]
                 best = highest_trained(study, s, d, w)
-                cells.append("·" if all(c is None for c in cell) else (_lr(best) if best is not None else "none"))
+                cells.append("·" if any(c is None for c in cell) else (_lr(best) if best is not None else "none"))
             lines.append(f"| {_name(study, s)} | " + " | ".join(cells) + " |")
         lines.append("")
     return lines
@@ -204,7 +208,7 @@ def _diagnostics(study: Study, plots: dict[str, str]) -> list[str]:
         by = compare_verdicts([c for c in cells if c is not None], study.unigram)
         lines += [f"**{_name(study, s)}** at {depth} layers:", ""]
         for v, n in by.items():
-            lines.append(f"- {v} ({n['runs']:.0f} runs): FFN gradient-norm spread over layers in the first 20% of "
+            lines.append(f"- {v} ({n['runs']:.0f} run{'s' * (n['runs'] != 1)}): FFN gradient-norm spread over layers in the first 20% of "
                          f"steps {_f(n['spread_first'], 2)} (log10 of largest/smallest), last-layer residual RMS "
                          f"{_f(n['rms_last_layer'], 2)}, largest attention logit {_f(n['logit'], 1)}")
         lines += ["", f"![{key}]({plots[key]})", ""]
@@ -247,11 +251,13 @@ def _claim(study: Study) -> list[str]:
                                  f"in the last 20% of steps), {'more' if a < b else 'less'} even, which "
                                  f"{'agrees' if a < b else 'disagrees'} with the paper's figure.")
     w = sc.map_warmups[0]
+    complete = [d for d in sc.depths if all(study.cell(s, d, lr, w) is not None
+                                            for s in sc.strategies for lr in sc.map_lrs)]
     for s in sc.strategies[1:]:
-        narrower = [d for d in sc.depths
+        narrower = [d for d in complete
                     if (hb := highest_trained(study, base, d, w)) is not None
                     and ((hs := highest_trained(study, s, d, w)) is None or hs < hb)]
-        wider = [d for d in sc.depths
+        wider = [d for d in complete
                  if (hs := highest_trained(study, s, d, w)) is not None
                  and ((hb := highest_trained(study, base, d, w)) is None or hs > hb)]
         if narrower or wider:
@@ -261,7 +267,7 @@ def _claim(study: Study) -> list[str]:
                 f"a higher one at {', '.join(map(str, wider))} layers" if wider else "") if p) + "."
             lines.append(text)
     m = sc.main
-    params = stats(get_config(study_model("dense", base)[0]), seq_len=m.seq_len).total_params
+    params = baseline_model(study, "dense")[1].total_params
     lines += ["", f"Scale caveat: these are models of {params / 1e6:.1f}M parameters trained on "
               f"{m.steps * m.batch_size * m.seq_len:,} {m.tokenizer} tokens of `{m.data}` in {m.steps} steps, against "
               "the paper's billions of parameters and up to a trillion tokens. A sign that differs from the paper's "
