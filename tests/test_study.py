@@ -193,7 +193,7 @@ def test_the_committed_report_is_rebuilt_byte_for_byte_from_its_records(tmp_path
 
 def test_the_committed_study_has_the_issue_s_grid():
     """Three or more evaluation seeds apart from the selection seed, the five placements, both kinds, and
-    a stability map, as the report says."""
+    a stability map, as the report says, every run of it recorded."""
     study = json.loads((REPO / "docs" / "results" / "study.json").read_text())
     sc = StudyConfig.from_json(study["config"])
     assert len(sc.seeds) >= 3 and sc.selection_seed not in sc.seeds
@@ -201,6 +201,8 @@ def test_the_committed_study_has_the_issue_s_grid():
     assert sc.kinds == ("dense", "moe") and len(sc.depths) >= 4 and sc.main.decay_norm_and_bias
     assert sc.main.steps * sc.main.batch_size * sc.main.seq_len >= 1_000_000
     assert Study(sc, study["data"], {}).unigram == study["data"]["unigram_entropy"] > 0
+    got = recorded(sc, REPO / "docs" / "results")
+    assert len(got) == len(plan(sc, got)) and all(best_lrs(sc, got).values())
 
 
 @pytest.mark.slow
