@@ -366,9 +366,12 @@ def test_model_gradients_agree_across_backends():
             torch.testing.assert_close(grads[backend][name], g, atol=1e-5, rtol=1e-4, msg=lambda m: f"{backend} {name}: {m}")
 
 
-def test_megablocks_backend_matches_the_loop_bit_for_bit_with_a_reference_gmm(monkeypatch):
+def test_megablocks_backend_matches_the_loop_to_float64_rounding_with_a_reference_gmm(monkeypatch):
     """MegaBlocks' GLU path, with a plain-PyTorch gmm standing in for grouped_gemm's (CPU has none), equals
-    the loop reference in float64 exactly, output and weight gradients, with empty experts."""
+    the loop reference in float64, output and weight gradients, with empty experts. The two paths multiply
+    differently laid-out operands, and on some CPUs (AVX-512) float64 GEMM then sums in another order, so
+    the bound is float64 rounding relative to each tensor's scale; a wrong layout or expert offset is off
+    by order one."""
     import importlib.util
     from pathlib import Path
 
@@ -394,7 +397,7 @@ def test_megablocks_backend_matches_the_loop_bit_for_bit_with_a_reference_gmm(mo
         out.square().sum().backward()
         results.append([out, *(leaf.grad for leaf in leaves)])
     for a, b in zip(*results):
-        assert torch.equal(a, b)
+        assert float((a - b).abs().max()) <= 1e-13 * float(a.abs().max())
     mixed = experts.megablocks_glu(x.bfloat16(), token, weight.float(), counts, *(w.float() for w in ws))
     assert mixed.dtype == torch.bfloat16  # bf16 activations with fp32 weights: cast, not refused
     assert float((mixed.double() - results[0][0]).norm() / results[0][0].norm()) < 2e-2
