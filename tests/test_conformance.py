@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from zoo.testing import FAST, SLOW, parametrize_with_checks, registered
+from zoo.testing import FAST, SLOW, parametrize_with_checks, registered, run_checks
 
 TESTS = Path(__file__).parent
 BUILTINS = registered(plugin="zoo.*")
@@ -91,3 +91,12 @@ def test_the_kit_ids_are_kind_name_check():
     assert [p.id for p in mark.args[1]] == ["attention:mla-options", "attention:mla-kv_cache"]
     router = parametrize_with_checks(["hash"], FAST)
     assert "router:hash-kv_cache" not in [p.id for p in router.args[1]]  # a router never touches the cache
+
+
+def test_a_worker_past_its_time_fails_its_checks_with_the_reason(monkeypatch):
+    from zoo.testing import isolated
+    monkeypatch.setattr(isolated, "TIMEOUT", 0.5)
+    (outcome,) = run_checks(["prenorm"], ["ddp"])
+    assert outcome.status == "failed" and outcome.message == (
+        "dense: the ddp worker failed: it did not finish within 0.5 s; "
+        "moe: the ddp worker failed: it did not finish within 0.5 s")

@@ -92,10 +92,14 @@ def run(check: str, subjects: list[Subject]) -> dict[str, dict[str, str]]:
         if check != "save_load":
             worker = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                       "-m", "zoo.testing.worker", check, str(folder / "spec.json")]
-        proc = subprocess.run(worker, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+        try:
+            proc = subprocess.run(worker, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+            returncode, stderr = proc.returncode, proc.stderr
+        except subprocess.TimeoutExpired:
+            returncode, stderr = None, f"it did not finish within {TIMEOUT} s"
         out = folder / f"{check}.json"
-        if proc.returncode != 0 or not out.exists():
-            why = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        if returncode != 0 or not out.exists():
+            why = (stderr.strip().splitlines() or ["no output"])[-1]
             for s in runnable:
                 for model in s.kinds_of_model():
                     results.setdefault(f"{s.id}/{model}", {"status": "failed",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -94,6 +95,7 @@ def distributed(spec: dict[str, Any], folder: Path, mode: str) -> dict[str, Any]
                     results[key] = {"status": "passed", "message": ""}
         except Exception as e:
             results[key] = {"status": "failed", "message": f"under {mode} on rank {rank}: {type(e).__name__}: {e}"}
+        par = grads = None  # freed after destroy_process_group, a DDP model can hang its rank in its destructor
         dist.barrier()
     dist.destroy_process_group()
     return results if rank == 0 else {}
@@ -119,4 +121,7 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    code = main(sys.argv[1:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # the results are on disk; gloo's threads need no orderly interpreter shutdown
