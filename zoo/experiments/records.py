@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import ZooError
+from ..files import strict_json, write_text
 
 FORMAT = 1
 CURVE_POINTS = 60
@@ -91,10 +91,7 @@ def compact(run: dict[str, Any], metrics: list[dict[str, Any]], summary: dict[st
 
 
 def _write(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, strict_json(data, indent=1, sort_keys=True) + "\n")
 
 
 def record_path(folder: Path, key: str) -> Path:
